@@ -1,0 +1,146 @@
+//! Per-stage throughput, frames per second on one core, with in-bench baselines:
+//! - `json/bare_serde`: serde_json into a plain struct (the ceiling for JSON decoding);
+//! - `json/fleetpipe_decode_validate`: fleetpipe's decode + validation of the same frames;
+//! - `protobuf/fleetpipe_decode_validate`: the same frames as a Protobuf `FrameBatch`;
+//! - `dedup_latest`: de-duplication + L1 latest-state update (one shard's work);
+//! - `parquet/encode`: the Parquet sink writing and closing the frames (ZSTD).
+//!
+//! The frames are the recorded drive (tests/data) plus a diagnostic frame per ten locations.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use fleetpipe_processors::codec::{decode_message, encode_protobuf, Message};
+use fleetpipe_processors::dedup::Dedup;
+use fleetpipe_processors::latest::LatestCache;
+use fleetpipe_processors::validate::Rules;
+use fleetpipe_processors::{Frame, Origin};
+use fleetpipe_sinks::parquet::{ParquetConfig, ParquetSink};
+use fleetpipe_sinks::{Sink, SinkBatch};
+use serde::Deserialize;
+
+const DRIVE: &str = include_str!("../../tests/data/css-drive-aarhus-2021-07-26-am.ndjson");
+
+/// The plain struct of the baseline: the same fields, no validation.
+#[allow(dead_code)]
+#[derive(Deserialize)]
+struct PlainFrame {
+    vehicle_id: String,
+    ts: serde_json::Value,
+    seq: Option<u64>,
+    kind: Option<String>,
+    lat: Option<f64>,
+    lon: Option<f64>,
+    speed_kmh: Option<f64>,
+    heading_deg: Option<f64>,
+    alt_m: Option<f64>,
+    accuracy_m: Option<f64>,
+    satellites: Option<u32>,
+    odometer_m: Option<f64>,
+    ignition: Option<bool>,
+    engine_rpm: Option<f64>,
+    coolant_temp_c: Option<f64>,
+    fuel_level_pct: Option<f64>,
+    dtcs: Option<Vec<serde_json::Value>>,
+}
+
+/// The drive's frames, many vehicles (the drive repeated under 50 ids), as one JSON array.
+fn payload() -> (Bytes, usize) {
+    let mut frames: Vec<serde_json::Value> = Vec::new();
+    for v in 0..50 {
+        for (i, line) in DRIVE.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).take(400) {
+            let mut f: serde_json::Value = serde_json::from_str(line).expect("drive frame");
+            f["vehicle_id"] = format!("VEH{v:05}").into();
+            frames.push(f.clone());
+            if i % 10 == 0 {
+                frames.push(serde_json::json!({
+                    "vehicle_id": f["vehicle_id"], "ts": f["ts"], "seq": f["seq"], "kind": "diagnostic",
+                    "engine_rpm": 2150, "coolant_temp_c": 88, "fuel_level_pct": 61.5, "dtcs": ["P0301", {"spn":110,"fmi":0,"oc":3,"sa":0}]
+                }));
+            }
+        }
+    }
+    let n = frames.len();
+    (Bytes::from(serde_json::to_vec(&frames).expect("json")), n)
+}
+
+fn decoded(payload: &Bytes) -> Vec<Frame> {
+    let origin = Origin::Http;
+    let msg = Message { payload, content_type: None, origin: &origin, received_at: 1_800_000_000_000_000 };
+    decode_message(&msg, &Rules::default()).frames
+}
+
+fn benches(c: &mut Criterion) {
+    let (json, n) = payload();
+    let frames = decoded(&json);
+    assert_eq!(frames.len(), n, "every bench frame is valid");
+    let proto = Bytes::from(encode_protobuf(&frames));
+    let origin = Origin::Http;
+    let rules = Rules::default();
+
+    let mut g = c.benchmark_group("json");
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("bare_serde", |b| {
+        b.iter(|| serde_json::from_slice::<Vec<PlainFrame>>(&json).expect("plain"));
+    });
+    g.bench_function("fleetpipe_decode_validate", |b| {
+        let msg = Message {
+            payload: &json,
+            content_type: None,
+            origin: &origin,
+            received_at: 1_800_000_000_000_000,
+        };
+        b.iter(|| decode_message(&msg, &rules));
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("protobuf");
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("fleetpipe_decode_validate", |b| {
+        let msg = Message {
+            payload: &proto,
+            content_type: None,
+            origin: &origin,
+            received_at: 1_800_000_000_000_000,
+        };
+        b.iter(|| decode_message(&msg, &rules));
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("stages");
+    g.throughput(Throughput::Elements(n as u64));
+    g.bench_function("dedup_latest", |b| {
+        let latest = LatestCache::new(1_000_000, Duration::from_secs(3600));
+        b.iter_batched(
+            || (frames.clone(), Dedup::new(4096)),
+            |(mut batch, mut dedup)| {
+                dedup.retain_new(&mut batch);
+                latest.apply(&batch);
+                batch.len()
+            },
+            BatchSize::LargeInput,
+        );
+    });
+    g.bench_function("parquet_encode", |b| {
+        b.iter_batched(
+            || tempfile::tempdir().expect("tempdir"),
+            |dir| {
+                let mut sink = ParquetSink::open(ParquetConfig::new(dir.path())).expect("open");
+                let batch = SinkBatch { lsn: 1, frames: frames.clone(), rejections: Vec::new() };
+                sink.write(&batch).expect("write");
+                sink.close().expect("close");
+                dir
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = stages;
+    config = Criterion::default().sample_size(20).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
+    targets = benches
+}
+criterion_main!(stages);

@@ -1,0 +1,109 @@
+//! The embedded MQTT broker (rumqttd), started when no external broker is configured, so that
+//! `fleetpipe run` needs no other service.
+//!
+//! Like every broker, it acknowledges a publisher's QoS 1 message as soon as its router holds
+//! it; fleetpipe's own subscriber then makes the message durable within its ack window. A crash
+//! of the whole node can lose what the broker held but fleetpipe had not yet made durable: for
+//! at-least-once across node crashes, use an external broker with persistence.
+//!
+//! It speaks MQTT 3.1.1 on its listen address (`mosquitto_pub` works as-is) and, optionally,
+//! MQTT 5 on a second address.
+
+use std::net::{SocketAddr, TcpListener};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(
+        "cannot listen on {addr} for the embedded MQTT broker: {source}. Another broker is probably \
+         running there: point fleetpipe at it with FLEETPIPE_MQTT_URL=mqtt://{addr} (or [mqtt] url in \
+         the config file), or move the embedded broker with FLEETPIPE_MQTT_LISTEN=127.0.0.1:PORT"
+    )]
+    AddrInUse {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("embedded broker configuration: {0}")]
+    Config(String),
+    #[error("embedded broker failed to start: {0}")]
+    Start(String),
+}
+
+/// Settings of the embedded broker.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// MQTT 3.1.1 listener.
+    pub listen: SocketAddr,
+    /// Optional MQTT 5 listener.
+    pub listen_v5: Option<SocketAddr>,
+    pub max_payload_bytes: usize,
+    /// Unacknowledged QoS 1 messages per connection.
+    pub max_inflight: usize,
+}
+
+/// Starts the broker on its own threads. Returns once its listeners are bound.
+pub fn start(cfg: &BrokerConfig) -> Result<(), BrokerError> {
+    for addr in std::iter::once(cfg.listen).chain(cfg.listen_v5) {
+        // rumqttd binds on its own threads and only logs a failure: check first, answer clearly.
+        TcpListener::bind(addr).map_err(|source| BrokerError::AddrInUse { addr, source })?;
+    }
+    let server = |name: &str, addr: SocketAddr| {
+        format!(
+            r#"
+[{name}.1]
+name = "{name}"
+listen = "{addr}"
+next_connection_delay_ms = 0
+    [{name}.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = {payload}
+    max_inflight_count = {inflight}
+    dynamic_filters = true
+"#,
+            payload = cfg.max_payload_bytes,
+            inflight = cfg.max_inflight,
+        )
+    };
+    let mut text = String::from(
+        r#"
+id = 0
+[router]
+id = 0
+max_connections = 10010
+max_outgoing_packet_count = 4096
+max_segment_size = 104857600
+max_segment_count = 10
+"#,
+    );
+    text.push_str(&server("v4", cfg.listen));
+    if let Some(v5) = cfg.listen_v5 {
+        text.push_str(&server("v5", v5));
+    }
+    let config: rumqttd::Config = toml::from_str(&text).map_err(|e| BrokerError::Config(e.to_string()))?;
+    let mut broker = rumqttd::Broker::new(config);
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded mqtt broker stopped");
+            }
+        })
+        .map_err(|e| BrokerError::Start(e.to_string()))?;
+    wait_listening(cfg.listen)?;
+    if let Some(v5) = cfg.listen_v5 {
+        wait_listening(v5)?;
+    }
+    tracing::info!(listen = %cfg.listen, listen_v5 = ?cfg.listen_v5, "embedded mqtt broker started");
+    Ok(())
+}
+
+fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Err(BrokerError::Start(format!("not listening on {addr} after 10 s")))
+}

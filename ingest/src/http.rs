@@ -1,0 +1,248 @@
+//! The HTTP API (axum): ingest (`POST /v1/frames`), latest state, metrics and probes.
+//!
+//! `POST /v1/frames` answers 200 only after the accepted frames (and the rejections, which go to
+//! the dead-letter store) are durable in the write-ahead log. A full intake answers 503 with
+//! `Retry-After` at once instead of queueing without bound; readiness is not touched by
+//! overload, so a load balancer keeps routing to a busy instance.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fleetpipe_processors::codec::{decode_message, frame_to_value, Message};
+use fleetpipe_processors::latest::{LatestCache, VehicleState};
+use fleetpipe_processors::validate::Rules;
+use fleetpipe_processors::{Decoded, Origin};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{now_micros, Entry, Intake, NotDurable, Submission};
+
+/// Bodies larger than this are decoded off the async workers.
+const INLINE_DECODE_BYTES: usize = 64 * 1024;
+
+/// Everything the handlers need.
+#[derive(Clone)]
+pub struct ApiState {
+    pub intake: Intake,
+    pub rules: Arc<Rules>,
+    pub latest: LatestCache,
+    /// Request body limit (413 past it).
+    pub max_body_bytes: usize,
+    /// Bearer token required on `POST /v1/frames` when set.
+    pub auth_token: Option<Arc<str>>,
+    /// Renders the Prometheus exposition.
+    pub render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Readiness: sources subscribed, sinks initialised, not draining.
+    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/frames", post(post_frames))
+        .route("/v1/vehicles", get(near_vehicles))
+        .route("/v1/vehicles/:id", get(get_vehicle))
+        .route("/v1/vehicles/:id/track", get(track))
+        .route("/metrics", get(metrics_text))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves the API on an already-bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+fn error(status: StatusCode, reason: &str, detail: impl Into<String>) -> Response {
+    (status, Json(json!({"error": reason, "detail": detail.into()}))).into_response()
+}
+
+fn overloaded(detail: &str) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "overloaded", detail);
+    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
+}
+
+async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(token) = &st.auth_token {
+        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if given.and_then(|v| v.strip_prefix("Bearer ")) != Some(token.as_ref()) {
+            return error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token");
+        }
+    }
+    if body.len() > st.max_body_bytes {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("limit {} bytes", st.max_body_bytes),
+        );
+    }
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let received_at = now_micros();
+    let rules = st.rules.clone();
+    let body_len = body.len();
+    let decode = move || {
+        let origin = Origin::Http;
+        let msg =
+            Message { payload: &body, content_type: content_type.as_deref(), origin: &origin, received_at };
+        decode_message(&msg, &rules)
+    };
+    let decoded: Decoded = if body_len > INLINE_DECODE_BYTES {
+        match tokio::task::spawn_blocking(decode).await {
+            Ok(d) => d,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        }
+    } else {
+        decode()
+    };
+    metrics::counter!("fleetpipe_frames_received_total", "source" => "http")
+        .increment(u64::from(decoded.received));
+
+    // A payload that could not be read at all is a 400 — and still kept in the dead-letter store.
+    let unreadable = decoded.frames.is_empty()
+        && decoded.rejections.len() == 1
+        && decoded.rejections.first().is_some_and(|r| r.index.is_none());
+    let accepted = decoded.frames.len();
+    let rejected: Vec<Value> = decoded
+        .rejections
+        .iter()
+        .map(|r| json!({"index": r.index, "reason": r.reason.code(), "detail": r.detail}))
+        .collect();
+
+    let (tx, rx) = oneshot::channel();
+    let mut entry = Entry { received_at, ..Entry::default() };
+    entry.absorb(decoded);
+    let submission = Submission {
+        entry,
+        done: Some(Box::new(move |r| {
+            let _ = tx.send(r);
+        })),
+    };
+    match st.intake.try_send(submission) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            metrics::counter!("fleetpipe_http_overloaded_total").increment(1);
+            return overloaded("ingest queue full");
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => return overloaded("shutting down"),
+    }
+    match rx.await {
+        Ok(Ok(_lsn)) if unreadable => {
+            let r = rejected.first().cloned().unwrap_or(Value::Null);
+            (StatusCode::BAD_REQUEST, Json(json!({"error": "unreadable_body", "rejected": [r]})))
+                .into_response()
+        }
+        Ok(Ok(_lsn)) => {
+            (StatusCode::OK, Json(json!({"accepted": accepted, "rejected": rejected}))).into_response()
+        }
+        Ok(Err(NotDurable::ShuttingDown)) | Err(_) => overloaded("shutting down"),
+        Ok(Err(e)) => overloaded(&e.to_string()),
+    }
+}
+
+/// The contract's vehicle document.
+pub fn vehicle_json(id: &str, state: &VehicleState, served_from: &str) -> Value {
+    let mut doc = json!({"vehicle_id": id, "served_from": served_from});
+    if let Some(f) = &state.location {
+        doc["location"] = frame_to_value(f);
+    }
+    if let Some(f) = &state.diagnostic {
+        doc["diagnostic"] = frame_to_value(f);
+    }
+    doc
+}
+
+async fn get_vehicle(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
+    match st.latest.get(&id) {
+        Some(state) => {
+            metrics::counter!("fleetpipe_cache_requests_total", "tier" => "l1", "result" => "hit")
+                .increment(1);
+            Json(vehicle_json(&id, &state, "l1")).into_response()
+        }
+        None => {
+            metrics::counter!("fleetpipe_cache_requests_total", "tier" => "l1", "result" => "miss")
+                .increment(1);
+            error(StatusCode::NOT_FOUND, "not_found", format!("no vehicle {id}"))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct NearQuery {
+    near: Option<String>,
+    radius_m: Option<f64>,
+    limit: Option<usize>,
+}
+
+async fn near_vehicles(State(st): State<ApiState>, Query(q): Query<NearQuery>) -> Response {
+    let Some(near) = q.near else {
+        return error(StatusCode::BAD_REQUEST, "bad_query", "near=LAT,LON is required");
+    };
+    let parsed = near
+        .split_once(',')
+        .and_then(|(a, b)| Some((a.trim().parse::<f64>().ok()?, b.trim().parse::<f64>().ok()?)));
+    let Some((lat, lon)) = parsed.filter(|(a, b)| (-90.0..=90.0).contains(a) && (-180.0..=180.0).contains(b))
+    else {
+        return error(StatusCode::BAD_REQUEST, "bad_query", "near must be LAT,LON in degrees");
+    };
+    let radius = q.radius_m.unwrap_or(1_000.0);
+    if !(radius.is_finite() && radius >= 0.0) {
+        return error(StatusCode::BAD_REQUEST, "bad_query", "radius_m must be a non-negative number");
+    }
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let latest = st.latest.clone();
+    let hits =
+        tokio::task::spawn_blocking(move || latest.near(lat, lon, radius, limit)).await.unwrap_or_default();
+    let vehicles: Vec<Value> = hits
+        .iter()
+        .filter_map(|(state, d)| {
+            let id = state.location.as_ref()?.vehicle_id.clone();
+            let mut v = vehicle_json(&id, state, "l1");
+            v["distance_m"] = json!((d * 10.0).round() / 10.0);
+            Some(v)
+        })
+        .collect();
+    Json(json!({"vehicles": vehicles})).into_response()
+}
+
+async fn track(Path(_id): Path<String>) -> Response {
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        "not_configured",
+        "track history is served from Postgres; none is configured",
+    )
+}
+
+async fn metrics_text(State(st): State<ApiState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], (st.render_metrics)()).into_response()
+}
+
+async fn ready(State(st): State<ApiState>) -> Response {
+    if (st.ready)() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+/// Binds the API's listener (port 0 picks a free one).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// How long shutdown waits for in-flight requests.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);

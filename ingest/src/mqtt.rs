@@ -1,0 +1,447 @@
+//! The MQTT source (rumqttc), MQTT 5 by default, MQTT 3.1.1 on request.
+//!
+//! Delivery semantics: QoS 1 messages are acknowledged only once durable. rumqttc's defaults
+//! work against that, so each is set on purpose: manual acks (a PUBACK goes out when the
+//! write-ahead log has fsync'd the entry that carried the message, or its rejection), a
+//! persistent session (fixed client id, no clean start, a session expiry), a large Receive
+//! Maximum (MQTT 5: throughput per connection is in-flight window ÷ time-to-ack) and a maximum
+//! packet size that matches the payload limit, so an oversized message is refused by the broker
+//! (MQTT 5) or decoded and dead-lettered as `oversized`, never looped on.
+//!
+//! PUBACKs go out in the order the PUBLISHes arrived (MQTT §4.6): one task batches incoming
+//! messages in arrival order into entries, the log completes entries in submission order, and
+//! one task sends their acks in that order.
+//!
+//! Three tasks: the poller drives rumqttc's event loop and never blocks on the pipeline for
+//! long (it resubscribes on every ConnAck); the batcher decodes and submits; the acker acks.
+//! Shutdown stops intake, waits for every submitted entry to become durable and be acked, then
+//! disconnects: messages received but not yet submitted are left unacknowledged, and the broker
+//! redelivers them to this client id's session.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetpipe_processors::codec::{decode_message, Message};
+use fleetpipe_processors::validate::Rules;
+use fleetpipe_processors::Origin;
+use tokio::sync::mpsc;
+
+use crate::{now_micros, Entry, Intake, Submission};
+
+/// MQTT protocol version spoken to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    V5,
+    V311,
+}
+
+/// How the source connects and subscribes.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Stable per instance, so the instance resumes its own persistent session.
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Topic filters; the contract's default is `vehicles/+/+`.
+    pub topics: Vec<String>,
+    /// With a group, filters become `$share/{group}/{filter}` (MQTT 5 shared subscription).
+    pub shared_group: Option<String>,
+    /// 0 or 1.
+    pub qos: u8,
+    pub keep_alive: Duration,
+    /// MQTT 5 Receive Maximum: the broker's in-flight window toward us.
+    pub receive_maximum: u16,
+    /// MQTT 5 session expiry: how long the broker keeps our session (and queues for us).
+    pub session_expiry: Duration,
+    /// Largest packet accepted (and announced to an MQTT 5 broker).
+    pub max_packet_bytes: usize,
+    /// Most messages folded into one log entry.
+    pub batch_messages: usize,
+}
+
+impl MqttConfig {
+    fn filters(&self) -> Vec<String> {
+        self.topics
+            .iter()
+            .map(|t| match &self.shared_group {
+                Some(g) => format!("$share/{g}/{t}"),
+                None => t.clone(),
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("mqtt client error: {0}")]
+    Client(String),
+}
+
+/// A received message, whichever the protocol version.
+enum Publish {
+    V4(rumqttc::Publish),
+    V5(rumqttc::v5::mqttbytes::v5::Publish),
+}
+
+impl Publish {
+    fn topic(&self) -> &[u8] {
+        match self {
+            Publish::V4(p) => p.topic.as_bytes(),
+            Publish::V5(p) => &p.topic,
+        }
+    }
+    fn payload(&self) -> &Bytes {
+        match self {
+            Publish::V4(p) => &p.payload,
+            Publish::V5(p) => &p.payload,
+        }
+    }
+    fn content_type(&self) -> Option<&str> {
+        match self {
+            Publish::V4(_) => None,
+            Publish::V5(p) => p.properties.as_ref().and_then(|pr| pr.content_type.as_deref()),
+        }
+    }
+    fn needs_ack(&self) -> bool {
+        match self {
+            Publish::V4(p) => p.qos != rumqttc::QoS::AtMostOnce,
+            Publish::V5(p) => p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl Client {
+    async fn ack(&self, p: &Publish) -> Result<(), String> {
+        match (self, p) {
+            (Client::V4(c), Publish::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+            (Client::V5(c), Publish::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+            _ => Err("protocol mismatch".into()),
+        }
+    }
+    async fn subscribe(&self, filter: &str, qos: u8) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.subscribe(filter, qos_v4(qos)).await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.subscribe(filter, qos_v5(qos)).await.map_err(|e| e.to_string()),
+        }
+    }
+    async fn disconnect(&self) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
+        }
+    }
+}
+
+fn qos_v4(q: u8) -> rumqttc::QoS {
+    if q == 0 {
+        rumqttc::QoS::AtMostOnce
+    } else {
+        rumqttc::QoS::AtLeastOnce
+    }
+}
+
+fn qos_v5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
+    if q == 0 {
+        rumqttc::v5::mqttbytes::QoS::AtMostOnce
+    } else {
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce
+    }
+}
+
+/// What the poller makes of one event-loop step.
+enum Step {
+    Message(Publish),
+    Connected { session_present: bool },
+    Subscribed { ok: bool },
+    Disconnected,
+    Other,
+    Failed(String),
+}
+
+enum EventLoop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+impl EventLoop {
+    async fn step(&mut self) -> Step {
+        match self {
+            EventLoop::V4(el) => {
+                use rumqttc::{Event, Outgoing, Packet, SubscribeReasonCode};
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => Step::Message(Publish::V4(p)),
+                    Ok(Event::Incoming(Packet::ConnAck(c))) => {
+                        Step::Connected { session_present: c.session_present }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(s))) => Step::Subscribed {
+                        ok: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))),
+                    },
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => Step::Disconnected,
+                    Ok(_) => Step::Other,
+                    Err(e) => Step::Failed(e.to_string()),
+                }
+            }
+            EventLoop::V5(el) => {
+                use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+                use rumqttc::v5::Event;
+                use rumqttc::Outgoing;
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => Step::Message(Publish::V5(p)),
+                    Ok(Event::Incoming(Packet::ConnAck(c))) => {
+                        Step::Connected { session_present: c.session_present }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(s))) => Step::Subscribed {
+                        ok: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))),
+                    },
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => Step::Disconnected,
+                    Ok(_) => Step::Other,
+                    Err(e) => Step::Failed(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+fn connect(cfg: &MqttConfig) -> (Client, EventLoop) {
+    // Requests queued toward the event loop: acks mostly. One per in-flight message at most.
+    let cap = usize::from(cfg.receive_maximum).max(64) + 64;
+    match cfg.protocol {
+        Protocol::V311 => {
+            let mut o = rumqttc::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+            o.set_keep_alive(cfg.keep_alive)
+                .set_clean_session(false)
+                .set_manual_acks(true)
+                .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
+                .set_inflight(cfg.receive_maximum.max(1));
+            if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
+                o.set_credentials(u, p);
+            }
+            let (c, el) = rumqttc::AsyncClient::new(o, cap);
+            (Client::V4(c), EventLoop::V4(Box::new(el)))
+        }
+        Protocol::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+            let expiry = u32::try_from(cfg.session_expiry.as_secs()).unwrap_or(u32::MAX);
+            let max_packet = u32::try_from(cfg.max_packet_bytes).unwrap_or(u32::MAX);
+            o.set_keep_alive(cfg.keep_alive)
+                .set_clean_start(false)
+                .set_session_expiry_interval(Some(expiry))
+                .set_manual_acks(true)
+                .set_receive_maximum(Some(cfg.receive_maximum.max(1)))
+                .set_max_packet_size(Some(max_packet));
+            if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
+                o.set_credentials(u, p);
+            }
+            let (c, el) = rumqttc::v5::AsyncClient::new(o, cap);
+            (Client::V5(c), EventLoop::V5(Box::new(el)))
+        }
+    }
+}
+
+/// Acknowledgements to send, in arrival order, with the connection epoch they belong to.
+struct AckBatch {
+    epoch: u64,
+    publishes: Vec<Publish>,
+}
+
+/// Runs the source until `shutdown` resolves, then drains (see the module header).
+/// `ready` turns true once every filter is subscribed.
+pub async fn run(
+    cfg: MqttConfig,
+    intake: Intake,
+    rules: Arc<Rules>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), MqttError> {
+    let (client, mut eventloop) = connect(&cfg);
+    let (raw_tx, raw_rx) = mpsc::channel::<(u64, Publish)>(usize::from(cfg.receive_maximum).max(1024));
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<AckBatch>();
+    // A session the broker lost (session_present = false) invalidates older packet ids: acks
+    // of an older epoch are dropped rather than sent on the new session.
+    let epoch = Arc::new(AtomicU64::new(0));
+    let stop_intake = Arc::new(tokio::sync::Notify::new());
+    let stopping = Arc::new(AtomicBool::new(false));
+
+    let batcher = tokio::spawn(batch_loop(
+        raw_rx,
+        intake,
+        rules,
+        ack_tx,
+        cfg.batch_messages.max(1),
+        stop_intake.clone(),
+    ));
+    let acker = tokio::spawn(ack_loop(ack_rx, client.clone(), epoch.clone()));
+
+    let filters = cfg.filters();
+    let qos = cfg.qos;
+    let poll_ready = ready.clone();
+    let poll_stopping = stopping.clone();
+    let poll_client = client.clone();
+    let poller = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match eventloop.step().await {
+                Step::Message(p) => {
+                    let e = epoch.load(Ordering::Acquire);
+                    // After shutdown began the batcher is gone: the message stays unacked and
+                    // the broker redelivers it to our session.
+                    let _ = raw_tx.send((e, p)).await;
+                }
+                Step::Connected { session_present } => {
+                    backoff = Duration::from_millis(100);
+                    if !session_present {
+                        epoch.fetch_add(1, Ordering::AcqRel);
+                    }
+                    tracing::info!(session_present, "mqtt connected");
+                    if poll_stopping.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    // Resubscribe on every connect: a lost subscription is silent.
+                    for f in &filters {
+                        let c = poll_client.clone();
+                        let f = f.clone();
+                        // The request queue is drained by this very loop: never await it here.
+                        tokio::spawn(async move {
+                            if let Err(e) = c.subscribe(&f, qos).await {
+                                tracing::warn!(filter = %f, error = %e, "mqtt subscribe request failed");
+                            }
+                        });
+                    }
+                }
+                Step::Subscribed { ok } => {
+                    if ok {
+                        poll_ready.store(true, Ordering::Release);
+                        tracing::info!("mqtt subscribed");
+                    } else {
+                        tracing::error!("mqtt broker refused a subscription");
+                    }
+                }
+                Step::Disconnected => {
+                    if poll_stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                }
+                Step::Other => {}
+                Step::Failed(e) => {
+                    poll_ready.store(false, Ordering::Release);
+                    if poll_stopping.load(Ordering::Acquire) {
+                        tracing::info!(error = %e, "mqtt connection closed while stopping");
+                        return;
+                    }
+                    metrics::counter!("fleetpipe_mqtt_connection_errors_total").increment(1);
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "mqtt connection error");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    });
+
+    shutdown.await;
+    tracing::info!("mqtt source draining");
+    stopping.store(true, Ordering::Release);
+    ready.store(false, Ordering::Release);
+    stop_intake.notify_one();
+    // The batcher returns after submitting what it holds; the acker after the last of those
+    // is durable and acked.
+    let _ = batcher.await;
+    let _ = acker.await;
+    if let Err(e) = client.disconnect().await {
+        tracing::warn!(error = %e, "mqtt disconnect request failed");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), poller).await;
+    tracing::info!("mqtt source stopped");
+    Ok(())
+}
+
+async fn batch_loop(
+    mut raw_rx: mpsc::Receiver<(u64, Publish)>,
+    intake: Intake,
+    rules: Arc<Rules>,
+    ack_tx: mpsc::UnboundedSender<AckBatch>,
+    batch_messages: usize,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    let mut buf: Vec<(u64, Publish)> = Vec::with_capacity(batch_messages);
+    loop {
+        buf.clear();
+        tokio::select! {
+            biased;
+            _ = stop.notified() => break,
+            n = raw_rx.recv_many(&mut buf, batch_messages) => if n == 0 { break },
+        }
+        // One entry per epoch run, so an ack batch never mixes sessions.
+        while let Some(&(epoch, _)) = buf.first() {
+            let end = buf.iter().position(|(e, _)| *e != epoch).unwrap_or(buf.len());
+            let run: Vec<Publish> = buf.drain(..end).map(|(_, p)| p).collect();
+            let submission = build_submission(run, epoch, &rules, &ack_tx);
+            if intake.send(submission).await.is_err() {
+                tracing::warn!("mqtt intake closed");
+                return;
+            }
+        }
+    }
+    // Dropping `raw_rx` here makes the poller leave later messages unacknowledged.
+}
+
+fn build_submission(
+    publishes: Vec<Publish>,
+    epoch: u64,
+    rules: &Rules,
+    ack_tx: &mpsc::UnboundedSender<AckBatch>,
+) -> Submission {
+    let received_at = now_micros();
+    let mut entry = Entry { received_at, ..Entry::default() };
+    let mut received = 0u64;
+    for p in &publishes {
+        let topic = String::from_utf8_lossy(p.topic()).into_owned();
+        let origin = Origin::Mqtt { topic };
+        let msg =
+            Message { payload: p.payload(), content_type: p.content_type(), origin: &origin, received_at };
+        let decoded = decode_message(&msg, rules);
+        received += u64::from(decoded.received);
+        entry.absorb(decoded);
+    }
+    metrics::counter!("fleetpipe_frames_received_total", "source" => "mqtt").increment(received);
+    let to_ack: Vec<Publish> = publishes.into_iter().filter(Publish::needs_ack).collect();
+    let ack_tx = ack_tx.clone();
+    Submission {
+        entry,
+        done: Some(Box::new(move |result| match result {
+            Ok(_) => {
+                let _ = ack_tx.send(AckBatch { epoch, publishes: to_ack });
+            }
+            Err(e) => {
+                // Not durable: withhold the acks; the broker redelivers after a reconnect.
+                tracing::error!(error = %e, messages = to_ack.len(), "mqtt entry not durable, acks withheld");
+            }
+        })),
+    }
+}
+
+async fn ack_loop(mut rx: mpsc::UnboundedReceiver<AckBatch>, client: Client, epoch: Arc<AtomicU64>) {
+    while let Some(batch) = rx.recv().await {
+        if batch.epoch != epoch.load(Ordering::Acquire) {
+            metrics::counter!("fleetpipe_mqtt_stale_acks_total").increment(batch.publishes.len() as u64);
+            continue;
+        }
+        for p in &batch.publishes {
+            if let Err(e) = client.ack(p).await {
+                tracing::warn!(error = %e, "mqtt ack failed");
+            }
+        }
+        metrics::counter!("fleetpipe_mqtt_acks_total").increment(batch.publishes.len() as u64);
+    }
+}

@@ -1,0 +1,306 @@
+//! The compact Protobuf encoding (`proto/fleetpipe.proto`, package `fleetpipe.v1`).
+//!
+//! [`pb`] holds the message structs, written by hand with `prost` derives so that no `protoc` is
+//! needed at build time; they mirror the `.proto` file field for field. A Protobuf payload is
+//! always a [`pb::FrameBatch`]. Decoded frames go through the same kind/topic rules and the same
+//! validation as JSON frames.
+
+use bytes::Bytes;
+use prost::Message as _;
+
+use super::Ctx;
+use crate::frame::{Body, Decoded, Diagnostic, Dtc, Frame, Kind, Location, Reason};
+use crate::validate::{self, Fail};
+
+/// Message structs of `fleetpipe.v1`, mirroring `proto/fleetpipe.proto`.
+pub mod pb {
+    /// What a Protobuf payload carries: one or more frames.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct FrameBatch {
+        #[prost(message, repeated, tag = "1")]
+        pub frames: Vec<Frame>,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+    #[repr(i32)]
+    pub enum Kind {
+        Unspecified = 0,
+        Location = 1,
+        Diagnostic = 2,
+    }
+
+    /// One reading from one vehicle at one moment.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Frame {
+        #[prost(string, tag = "1")]
+        pub vehicle_id: String,
+        /// Microseconds since the epoch, UTC; 0 means "not set".
+        #[prost(int64, tag = "2")]
+        pub ts_us: i64,
+        #[prost(uint64, optional, tag = "3")]
+        pub seq: Option<u64>,
+        #[prost(enumeration = "Kind", tag = "4")]
+        pub kind: i32,
+        #[prost(oneof = "frame::Body", tags = "10, 11")]
+        pub body: Option<frame::Body>,
+    }
+
+    /// Nested types of [`Frame`].
+    pub mod frame {
+        #[derive(Clone, PartialEq, prost::Oneof)]
+        pub enum Body {
+            #[prost(message, tag = "10")]
+            Location(super::Location),
+            #[prost(message, tag = "11")]
+            Diagnostic(super::Diagnostic),
+        }
+    }
+
+    #[derive(Clone, Copy, PartialEq, prost::Message)]
+    pub struct Location {
+        #[prost(double, optional, tag = "1")]
+        pub lat: Option<f64>,
+        #[prost(double, optional, tag = "2")]
+        pub lon: Option<f64>,
+        #[prost(double, optional, tag = "3")]
+        pub speed_kmh: Option<f64>,
+        #[prost(double, optional, tag = "4")]
+        pub heading_deg: Option<f64>,
+        #[prost(double, optional, tag = "5")]
+        pub alt_m: Option<f64>,
+        #[prost(double, optional, tag = "6")]
+        pub accuracy_m: Option<f64>,
+        #[prost(uint32, optional, tag = "7")]
+        pub satellites: Option<u32>,
+        #[prost(double, optional, tag = "8")]
+        pub odometer_m: Option<f64>,
+        #[prost(bool, optional, tag = "9")]
+        pub ignition: Option<bool>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Diagnostic {
+        #[prost(double, optional, tag = "1")]
+        pub engine_rpm: Option<f64>,
+        #[prost(double, optional, tag = "2")]
+        pub coolant_temp_c: Option<f64>,
+        #[prost(double, optional, tag = "3")]
+        pub engine_load_pct: Option<f64>,
+        #[prost(double, optional, tag = "4")]
+        pub fuel_level_pct: Option<f64>,
+        #[prost(double, optional, tag = "5")]
+        pub battery_soc_pct: Option<f64>,
+        #[prost(double, optional, tag = "6")]
+        pub battery_v: Option<f64>,
+        #[prost(double, optional, tag = "7")]
+        pub engine_hours: Option<f64>,
+        #[prost(double, optional, tag = "8")]
+        pub odometer_m: Option<f64>,
+        #[prost(bool, optional, tag = "9")]
+        pub mil_on: Option<bool>,
+        #[prost(message, repeated, tag = "10")]
+        pub dtcs: Vec<Dtc>,
+        /// Distinguishes an explicit empty `dtcs` from an absent one.
+        #[prost(bool, tag = "11")]
+        pub dtcs_present: bool,
+        /// The `signals` object as JSON text.
+        #[prost(string, optional, tag = "12")]
+        pub signals_json: Option<String>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Dtc {
+        #[prost(oneof = "dtc::Code", tags = "1, 2")]
+        pub code: Option<dtc::Code>,
+    }
+
+    /// Nested types of [`Dtc`].
+    pub mod dtc {
+        #[derive(Clone, PartialEq, prost::Oneof)]
+        pub enum Code {
+            #[prost(string, tag = "1")]
+            Obd(String),
+            #[prost(message, tag = "2")]
+            J1939(super::J1939),
+        }
+    }
+
+    #[derive(Clone, Copy, PartialEq, prost::Message)]
+    pub struct J1939 {
+        #[prost(uint32, tag = "1")]
+        pub spn: u32,
+        #[prost(uint32, tag = "2")]
+        pub fmi: u32,
+        #[prost(uint32, tag = "3")]
+        pub oc: u32,
+        #[prost(uint32, tag = "4")]
+        pub sa: u32,
+    }
+}
+
+/// The Protobuf form of one frame (`received_at` is not carried).
+pub fn frame_to_pb(frame: &Frame) -> pb::Frame {
+    let body = match &frame.body {
+        Body::Location(l) => pb::frame::Body::Location(pb::Location {
+            lat: Some(l.lat),
+            lon: Some(l.lon),
+            speed_kmh: l.speed_kmh,
+            heading_deg: l.heading_deg,
+            alt_m: l.alt_m,
+            accuracy_m: l.accuracy_m,
+            satellites: l.satellites,
+            odometer_m: l.odometer_m,
+            ignition: l.ignition,
+        }),
+        Body::Diagnostic(d) => pb::frame::Body::Diagnostic(pb::Diagnostic {
+            engine_rpm: d.engine_rpm,
+            coolant_temp_c: d.coolant_temp_c,
+            engine_load_pct: d.engine_load_pct,
+            fuel_level_pct: d.fuel_level_pct,
+            battery_soc_pct: d.battery_soc_pct,
+            battery_v: d.battery_v,
+            engine_hours: d.engine_hours,
+            odometer_m: d.odometer_m,
+            mil_on: d.mil_on,
+            dtcs: d
+                .dtcs
+                .iter()
+                .flatten()
+                .map(|dtc| pb::Dtc {
+                    code: Some(match dtc {
+                        Dtc::Obd(code) => pb::dtc::Code::Obd(code.clone()),
+                        Dtc::J1939 { spn, fmi, oc, sa } => pb::dtc::Code::J1939(pb::J1939 {
+                            spn: *spn,
+                            fmi: u32::from(*fmi),
+                            oc: u32::from(*oc),
+                            sa: u32::from(*sa),
+                        }),
+                    }),
+                })
+                .collect(),
+            dtcs_present: d.dtcs.is_some(),
+            signals_json: d.signals.clone(),
+        }),
+    };
+    pb::Frame {
+        vehicle_id: frame.vehicle_id.clone(),
+        ts_us: frame.ts,
+        seq: (frame.seq != 0).then_some(frame.seq),
+        kind: match frame.kind() {
+            Kind::Location => pb::Kind::Location,
+            Kind::Diagnostic => pb::Kind::Diagnostic,
+        } as i32,
+        body: Some(body),
+    }
+}
+
+/// Encodes `frames` as one `FrameBatch`.
+pub fn encode_protobuf(frames: &[Frame]) -> Vec<u8> {
+    pb::FrameBatch { frames: frames.iter().map(frame_to_pb).collect() }.encode_to_vec()
+}
+
+/// Decodes a `FrameBatch` without validating its frames.
+pub fn decode_batch(payload: &[u8]) -> Result<pb::FrameBatch, prost::DecodeError> {
+    pb::FrameBatch::decode(payload)
+}
+
+/// Converts, checks and records every frame of a decoded batch.
+pub(crate) fn decode(ctx: &Ctx<'_>, out: &mut Decoded, batch: &pb::FrameBatch) {
+    for (i, f) in batch.frames.iter().enumerate() {
+        let result = build(ctx, f);
+        ctx.push(out, i, || Bytes::from(f.encode_to_vec()), result);
+    }
+}
+
+fn missing(field: &str) -> Fail {
+    (Reason::MissingField, format!("{field} is required"))
+}
+
+fn build(ctx: &Ctx<'_>, f: &pb::Frame) -> Result<Frame, Fail> {
+    if f.vehicle_id.is_empty() {
+        return Err(missing("vehicle_id"));
+    }
+    validate::vehicle_id(&f.vehicle_id)?;
+    let kind = match pb::Kind::try_from(f.kind) {
+        Ok(pb::Kind::Unspecified) => Ok(None),
+        Ok(pb::Kind::Location) => Ok(Some(Kind::Location)),
+        Ok(pb::Kind::Diagnostic) => Ok(Some(Kind::Diagnostic)),
+        Err(_) => Err(format!("kind {} is not a known Kind value", f.kind)),
+    };
+    let kind = ctx.resolve_kind(&f.vehicle_id, kind)?;
+    if f.ts_us == 0 {
+        return Err(missing("ts"));
+    }
+    let body = match (kind, &f.body) {
+        (Kind::Location, Some(pb::frame::Body::Location(l))) => Body::Location(location(l)?),
+        (Kind::Location, None) => return Err(missing("lat")),
+        (Kind::Diagnostic, Some(pb::frame::Body::Diagnostic(d))) => {
+            Body::Diagnostic(Box::new(diagnostic(d)?))
+        }
+        (Kind::Diagnostic, None) => Body::Diagnostic(Box::default()),
+        (kind, Some(_)) => {
+            return Err((Reason::InvalidKind, format!("kind {kind} but the body holds the other kind")))
+        }
+    };
+    let frame = Frame {
+        vehicle_id: f.vehicle_id.clone(),
+        ts: f.ts_us,
+        seq: f.seq.unwrap_or(0),
+        received_at: ctx.received_at,
+        body,
+    };
+    validate::frame_decoded(&frame, ctx.rules)?;
+    Ok(frame)
+}
+
+fn location(l: &pb::Location) -> Result<Location, Fail> {
+    Ok(Location {
+        lat: l.lat.ok_or_else(|| missing("lat"))?,
+        lon: l.lon.ok_or_else(|| missing("lon"))?,
+        speed_kmh: l.speed_kmh,
+        heading_deg: l.heading_deg,
+        alt_m: l.alt_m,
+        accuracy_m: l.accuracy_m,
+        satellites: l.satellites,
+        odometer_m: l.odometer_m,
+        ignition: l.ignition,
+    })
+}
+
+fn diagnostic(d: &pb::Diagnostic) -> Result<Diagnostic, Fail> {
+    let dtcs = if d.dtcs_present || !d.dtcs.is_empty() {
+        let dtcs = d
+            .dtcs
+            .iter()
+            .map(|dtc| match &dtc.code {
+                Some(pb::dtc::Code::Obd(code)) => Ok(Dtc::Obd(code.clone())),
+                Some(pb::dtc::Code::J1939(j)) => {
+                    validate::j1939(u64::from(j.spn), u64::from(j.fmi), u64::from(j.oc), u64::from(j.sa))
+                }
+                None => {
+                    Err((Reason::InvalidDtc, "dtc carries neither an obd code nor a j1939 code".to_owned()))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Some(dtcs)
+    } else {
+        None
+    };
+    let signals = match &d.signals_json {
+        Some(text) => Some(validate::signals(text)?),
+        None => None,
+    };
+    Ok(Diagnostic {
+        engine_rpm: d.engine_rpm,
+        coolant_temp_c: d.coolant_temp_c,
+        engine_load_pct: d.engine_load_pct,
+        fuel_level_pct: d.fuel_level_pct,
+        battery_soc_pct: d.battery_soc_pct,
+        battery_v: d.battery_v,
+        engine_hours: d.engine_hours,
+        odometer_m: d.odometer_m,
+        mil_on: d.mil_on,
+        dtcs,
+        signals,
+    })
+}

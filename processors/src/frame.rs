@@ -1,0 +1,258 @@
+//! The in-memory frame: one reading from one vehicle at one moment.
+//!
+//! Every codec (JSON, Protobuf) decodes into [`Frame`], every sink writes from it. Field names
+//! follow the contract's JSON names (CONTRACT.md §1); a field the vehicle did not send is `None`,
+//! never a made-up zero.
+
+use std::fmt;
+
+/// Microseconds since the Unix epoch, UTC. Event times (`ts`) and receive times use it.
+pub type Micros = i64;
+
+/// Position of a record in fleetpipe's write-ahead log. Monotonic, starts at 1.
+pub type Lsn = u64;
+
+/// The two frame kinds of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Location,
+    Diagnostic,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::Location, Kind::Diagnostic];
+
+    /// The contract's name, as used in JSON, topics and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Location => "location",
+            Kind::Diagnostic => "diagnostic",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "location" => Some(Kind::Location),
+            "diagnostic" => Some(Kind::Diagnostic),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One decoded, validated frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub vehicle_id: String,
+    /// Event time: the vehicle's clock.
+    pub ts: Micros,
+    /// Device counter; 0 when the frame carried none (the contract stores 0, not NULL).
+    pub seq: u64,
+    /// When fleetpipe received the message that carried this frame.
+    pub received_at: Micros,
+    pub body: Body,
+}
+
+impl Frame {
+    pub fn kind(&self) -> Kind {
+        match self.body {
+            Body::Location(_) => Kind::Location,
+            Body::Diagnostic(_) => Kind::Diagnostic,
+        }
+    }
+
+    /// The contract's frame identity `(vehicle_id, kind, ts, seq)`.
+    pub fn identity(&self) -> (&str, Kind, Micros, u64) {
+        (&self.vehicle_id, self.kind(), self.ts, self.seq)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    Location(Location),
+    Diagnostic(Box<Diagnostic>),
+}
+
+/// Location fields (units follow COVESA VSS).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Location {
+    pub lat: f64,
+    pub lon: f64,
+    pub speed_kmh: Option<f64>,
+    pub heading_deg: Option<f64>,
+    pub alt_m: Option<f64>,
+    pub accuracy_m: Option<f64>,
+    pub satellites: Option<u32>,
+    pub odometer_m: Option<f64>,
+    pub ignition: Option<bool>,
+}
+
+/// Diagnostic fields.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Diagnostic {
+    pub engine_rpm: Option<f64>,
+    pub coolant_temp_c: Option<f64>,
+    pub engine_load_pct: Option<f64>,
+    pub fuel_level_pct: Option<f64>,
+    pub battery_soc_pct: Option<f64>,
+    pub battery_v: Option<f64>,
+    pub engine_hours: Option<f64>,
+    pub odometer_m: Option<f64>,
+    pub mil_on: Option<bool>,
+    /// `None` when the frame carried no `dtcs`; `Some(vec![])` for an explicit empty list.
+    pub dtcs: Option<Vec<Dtc>>,
+    /// The `signals` bag as canonical JSON object text (`{"Vehicle.X":1,...}`), validated.
+    pub signals: Option<String>,
+}
+
+/// A diagnostic trouble code: OBD-II/UDS string or J1939 SPN/FMI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dtc {
+    /// Matches `^[PCBU][0-3][0-9A-F]{3}(-?[0-9A-F]{2})?$`.
+    Obd(String),
+    J1939 {
+        spn: u32,
+        fmi: u8,
+        oc: u8,
+        sa: u8,
+    },
+}
+
+/// Where a message came from; kept with rejections and used to pick topic rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// MQTT message on `topic`.
+    Mqtt { topic: String },
+    /// HTTP `POST /v1/frames`.
+    Http,
+    /// Kafka record.
+    Kafka { topic: String, partition: i32, offset: i64 },
+}
+
+impl Origin {
+    /// Short source label for metrics (`frames_received_total{source}`).
+    pub fn source(&self) -> &'static str {
+        match self {
+            Origin::Mqtt { .. } => "mqtt",
+            Origin::Http => "http",
+            Origin::Kafka { .. } => "kafka",
+        }
+    }
+}
+
+/// Why a frame (or a whole payload) was refused. The `code` is the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Not JSON at all, or truncated JSON.
+    MalformedJson,
+    /// JSON, but a field has the wrong type or the frame is not an object.
+    InvalidField,
+    /// Undecodable Protobuf (truncated, wrong wire types).
+    MalformedProtobuf,
+    /// A required field is missing (`vehicle_id`, `ts`, `kind`, `lat`, `lon`).
+    MissingField,
+    InvalidVehicleId,
+    /// A unknown `kind` value, or one that disagrees with the MQTT topic.
+    InvalidKind,
+    /// A value outside the contract's range (lat, lon, heading, percentages, ...).
+    OutOfRange,
+    /// `lat == 0 && lon == 0`: the device had no fix.
+    NoFix,
+    InvalidDtc,
+    InvalidSignals,
+    InvalidTs,
+    /// `ts` further ahead of the receiving clock than allowed.
+    FutureTs,
+    /// `ts` older than the optional lower bound.
+    PastTs,
+    /// The topic's vehicle id differs from the payload's.
+    SpoofedVehicle,
+    /// Payload larger than the configured maximum.
+    Oversized,
+    /// The MQTT topic does not follow `vehicles/{id}/{location|diagnostic|frames}`.
+    InvalidTopic,
+    /// A content type fleetpipe does not read.
+    UnsupportedContentType,
+}
+
+impl Reason {
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::MalformedJson => "malformed_json",
+            Reason::InvalidField => "invalid_field",
+            Reason::MalformedProtobuf => "malformed_protobuf",
+            Reason::MissingField => "missing_field",
+            Reason::InvalidVehicleId => "invalid_vehicle_id",
+            Reason::InvalidKind => "invalid_kind",
+            Reason::OutOfRange => "out_of_range",
+            Reason::NoFix => "no_fix",
+            Reason::InvalidDtc => "invalid_dtc",
+            Reason::InvalidSignals => "invalid_signals",
+            Reason::InvalidTs => "invalid_ts",
+            Reason::FutureTs => "future_ts",
+            Reason::PastTs => "past_ts",
+            Reason::SpoofedVehicle => "spoofed_vehicle",
+            Reason::Oversized => "oversized",
+            Reason::InvalidTopic => "invalid_topic",
+            Reason::UnsupportedContentType => "unsupported_content_type",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Reason> {
+        ALL_REASONS.iter().copied().find(|r| r.code() == code)
+    }
+}
+
+const ALL_REASONS: [Reason; 17] = [
+    Reason::MalformedJson,
+    Reason::InvalidField,
+    Reason::MalformedProtobuf,
+    Reason::MissingField,
+    Reason::InvalidVehicleId,
+    Reason::InvalidKind,
+    Reason::OutOfRange,
+    Reason::NoFix,
+    Reason::InvalidDtc,
+    Reason::InvalidSignals,
+    Reason::InvalidTs,
+    Reason::FutureTs,
+    Reason::PastTs,
+    Reason::SpoofedVehicle,
+    Reason::Oversized,
+    Reason::InvalidTopic,
+    Reason::UnsupportedContentType,
+];
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A refused frame or payload, kept in the dead-letter store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub reason: Reason,
+    /// Human-readable detail (serde's message, the offending value, ...).
+    pub detail: String,
+    /// Position of the frame in its message (0-based), `None` when the whole payload was refused.
+    pub index: Option<u32>,
+    /// The bytes of the refused frame (or of the whole payload when it could not be split).
+    pub raw: bytes::Bytes,
+    pub origin: Origin,
+    pub received_at: Micros,
+}
+
+/// What decoding and validating one message produced.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Decoded {
+    pub frames: Vec<Frame>,
+    pub rejections: Vec<Rejection>,
+    /// How many frames the message held, good and bad (for `frames_received_total`).
+    pub received: u32,
+}

@@ -1,0 +1,352 @@
+//! The staged pipeline behind the intake:
+//!
+//! ```text
+//! intake (bounded) → log writer: group commit + fsync, then acks → shards (by vehicle):
+//!   de-duplicate, enrich, L1 latest → resequencer (WAL order) → one queue per sink → sinks
+//! ```
+//!
+//! Every stage is a thread joined to the next by a bounded queue (lock-free on the fast path);
+//! a full queue blocks the stage before it, up to the intake, which the sources see as pushback.
+//! Each shard receives a (possibly empty) part of every log group, so the resequencer can put
+//! the groups back in log order and a sink's checkpoint is simply the last group it made
+//! durable. A vehicle always maps to the same shard, so its frames keep their order and its
+//! de-duplication window and latest state need no lock.
+//!
+//! At start the log is replayed from its oldest retained record: shards see it all (which
+//! refills the de-duplication windows and L1), each sink only what lies past its checkpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use crossbeam_channel::{bounded, Receiver, Sender};
+use fleetpipe_ingest::{Entry, Intake, NotDurable, Submission};
+use fleetpipe_processors::dedup::Dedup;
+use fleetpipe_processors::latest::LatestCache;
+use fleetpipe_processors::{Frame, Kind, Lsn, Rejection};
+use fleetpipe_sinks::driver::{self, SinkHandle};
+use fleetpipe_sinks::wal::{Wal, WalConfig};
+use fleetpipe_sinks::{Sink, SinkBatch};
+use tokio::sync::mpsc;
+
+use crate::record;
+
+/// Sizing of the stages.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub shards: usize,
+    pub queue_batches: usize,
+    pub intake_entries: usize,
+    pub dedup_window: usize,
+    pub group_entries: usize,
+    pub wal: WalConfig,
+    pub sink_tick: Duration,
+}
+
+/// A log group's share for one shard.
+struct ShardBatch {
+    group: u64,
+    lsn: Lsn,
+    frames: Vec<Frame>,
+    rejections: Vec<Rejection>,
+}
+
+/// The running pipeline. Dropping every [`Intake`] clone starts the drain; [`Pipeline::join`]
+/// waits for it to reach the sinks and for them to close.
+pub struct Pipeline {
+    pub intake: Intake,
+    writer: JoinHandle<anyhow::Result<()>>,
+    shards: Vec<JoinHandle<()>>,
+    reseq: JoinHandle<()>,
+    sinks: Vec<SinkHandle>,
+}
+
+fn shard_of(vehicle_id: &str, shards: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    vehicle_id.hash(&mut h);
+    (h.finish() % shards as u64) as usize
+}
+
+impl Pipeline {
+    /// Opens the log, starts every stage, and replays what the sinks still lack.
+    pub fn start(
+        cfg: PipelineConfig,
+        sinks: Vec<Box<dyn Sink>>,
+        latest: LatestCache,
+    ) -> anyhow::Result<Pipeline> {
+        let wal = Wal::open(cfg.wal.clone()).context("opening the write-ahead log")?;
+        let shards = cfg.shards.max(1);
+        let q = cfg.queue_batches.max(1);
+
+        // Sinks, each behind its own queue.
+        let mut sink_txs: Vec<(Sender<Arc<SinkBatch>>, Lsn)> = Vec::new();
+        let mut handles = Vec::new();
+        for sink in sinks {
+            let (tx, rx) = bounded(q);
+            let from = sink.durable_lsn();
+            tracing::info!(sink = sink.name(), durable_lsn = from, "sink opened");
+            handles.push(driver::spawn(sink, rx, cfg.sink_tick));
+            sink_txs.push((tx, from));
+        }
+        let durables: Vec<Arc<AtomicU64>> = handles.iter().map(|h| h.durable.clone()).collect();
+
+        // Resequencer.
+        let (out_tx, out_rx) = bounded::<ShardBatch>(q * shards);
+        let reseq = std::thread::Builder::new()
+            .name("resequencer".into())
+            .spawn(move || resequence(out_rx, shards, sink_txs))
+            .context("spawning the resequencer")?;
+
+        // Shards.
+        let mut shard_txs = Vec::new();
+        let mut shard_joins = Vec::new();
+        for i in 0..shards {
+            let (tx, rx) = bounded::<ShardBatch>(q);
+            let out = out_tx.clone();
+            let latest = latest.clone();
+            let window = cfg.dedup_window;
+            shard_joins.push(
+                std::thread::Builder::new()
+                    .name(format!("shard-{i}"))
+                    .spawn(move || shard_loop(rx, out, Dedup::new(window), latest))
+                    .context("spawning a shard")?,
+            );
+            shard_txs.push(tx);
+        }
+        drop(out_tx);
+
+        let (intake, intake_rx) = mpsc::channel::<Submission>(cfg.intake_entries.max(1));
+        let group_entries = cfg.group_entries.max(1);
+        let writer = std::thread::Builder::new()
+            .name("wal-writer".into())
+            .spawn(move || {
+                let mut w =
+                    Writer { wal, shard_txs, durables, next_group: 0, capacity: intake_rx.max_capacity() };
+                w.replay()?;
+                w.run(intake_rx, group_entries)
+            })
+            .context("spawning the log writer")?;
+        Ok(Pipeline { intake, writer, shards: shard_joins, reseq, sinks: handles })
+    }
+
+    /// Waits for the drain: call after every intake clone (sources, API) is dropped.
+    pub fn join(self) -> anyhow::Result<()> {
+        let Pipeline { intake, writer, shards, reseq, sinks } = self;
+        drop(intake);
+        let written = writer.join().map_err(|_| anyhow::anyhow!("log writer panicked"))?;
+        for s in shards {
+            s.join().map_err(|_| anyhow::anyhow!("a shard panicked"))?;
+        }
+        reseq.join().map_err(|_| anyhow::anyhow!("resequencer panicked"))?;
+        for s in sinks {
+            let name = s.name;
+            s.join().with_context(|| format!("sink {name} failed"))?;
+        }
+        written
+    }
+}
+
+struct Writer {
+    wal: Wal,
+    shard_txs: Vec<Sender<ShardBatch>>,
+    durables: Vec<Arc<AtomicU64>>,
+    next_group: u64,
+    capacity: usize,
+}
+
+impl Writer {
+    fn min_durable(&self) -> Lsn {
+        self.durables.iter().map(|d| d.load(Ordering::Acquire)).min().unwrap_or(Lsn::MAX)
+    }
+
+    /// Feeds the retained log to the shards in groups.
+    fn replay(&mut self) -> anyhow::Result<()> {
+        let from = self.wal.first_lsn();
+        let mut pending: Vec<Entry> = Vec::new();
+        let mut last = 0;
+        let mut records = 0u64;
+        let mut groups: Vec<(Lsn, Vec<Entry>)> = Vec::new();
+        self.wal.read_from(from, |lsn, payload| {
+            match record::decode(payload) {
+                Ok(e) => pending.push(e),
+                Err(e) => tracing::error!(lsn, error = %e, "undecodable log record skipped"),
+            }
+            last = lsn;
+            records += 1;
+            if pending.len() >= 256 {
+                groups.push((last, std::mem::take(&mut pending)));
+            }
+        })?;
+        if !pending.is_empty() {
+            groups.push((last, pending));
+        }
+        for (lsn, entries) in groups {
+            self.dispatch(lsn, entries)?;
+        }
+        if records > 0 {
+            tracing::info!(from, records, "write-ahead log replayed");
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, mut rx: mpsc::Receiver<Submission>, group_entries: usize) -> anyhow::Result<()> {
+        let mut batch: Vec<Submission> = Vec::with_capacity(group_entries);
+        loop {
+            // Bounded disk: wait for sinks to release segments before taking more.
+            self.release()?;
+            while self.wal.is_full() {
+                metrics::gauge!("fleetpipe_wal_full").set(1.0);
+                std::thread::sleep(Duration::from_millis(20));
+                self.release()?;
+            }
+            metrics::gauge!("fleetpipe_wal_full").set(0.0);
+            batch.clear();
+            if rx.blocking_recv_many(&mut batch, group_entries) == 0 {
+                break;
+            }
+            metrics::gauge!("fleetpipe_queue_depth", "stage" => "intake")
+                .set((rx.len() + batch.len()) as f64);
+            metrics::gauge!("fleetpipe_queue_capacity", "stage" => "intake").set(self.capacity as f64);
+            self.commit(&mut batch)?;
+        }
+        self.release()?;
+        tracing::info!(next_lsn = self.wal.next_lsn(), "log writer drained");
+        Ok(())
+    }
+
+    fn release(&mut self) -> anyhow::Result<()> {
+        let durable = self.min_durable();
+        if durable > 0 {
+            self.wal.release_through(durable)?;
+        }
+        metrics::gauge!("fleetpipe_wal_bytes").set(self.wal.bytes() as f64);
+        Ok(())
+    }
+
+    fn commit(&mut self, batch: &mut Vec<Submission>) -> anyhow::Result<()> {
+        let payloads: Vec<Vec<u8>> = batch.iter().map(|s| record::encode(&s.entry)).collect();
+        let started = Instant::now();
+        let first = match self.wal.append_group(&payloads) {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::error!(error = %e, entries = batch.len(), "log append failed");
+                for s in batch.drain(..) {
+                    if let Some(done) = s.done {
+                        done(Err(NotDurable::Log(e.to_string())));
+                    }
+                }
+                // The log is the durability point: without it nothing can be acknowledged.
+                return Err(e.into());
+            }
+        };
+        metrics::histogram!("fleetpipe_sink_write_seconds", "sink" => "wal")
+            .record(started.elapsed().as_secs_f64());
+        let last = first + batch.len() as u64 - 1;
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut accepted = [0u64; 2];
+        let mut rejected: HashMap<&'static str, u64> = HashMap::new();
+        for (i, s) in batch.drain(..).enumerate() {
+            if let Some(done) = s.done {
+                done(Ok(first + i as u64));
+            }
+            for f in &s.entry.frames {
+                accepted[(f.kind() == Kind::Diagnostic) as usize] += 1;
+            }
+            for r in &s.entry.rejections {
+                *rejected.entry(r.reason.code()).or_default() += 1;
+            }
+            entries.push(s.entry);
+        }
+        let frames = accepted[0] + accepted[1];
+        metrics::counter!("fleetpipe_frames_accepted_total", "kind" => "location").increment(accepted[0]);
+        metrics::counter!("fleetpipe_frames_accepted_total", "kind" => "diagnostic").increment(accepted[1]);
+        for (reason, n) in rejected {
+            metrics::counter!("fleetpipe_frames_rejected_total", "reason" => reason).increment(n);
+        }
+        metrics::counter!("fleetpipe_frames_written_total", "sink" => "wal").increment(frames);
+        self.dispatch(last, entries)
+    }
+
+    /// Splits a group over the shards: every shard gets its part, possibly empty.
+    fn dispatch(&mut self, lsn: Lsn, entries: Vec<Entry>) -> anyhow::Result<()> {
+        let n = self.shard_txs.len();
+        let mut parts: Vec<ShardBatch> = (0..n)
+            .map(|_| ShardBatch { group: self.next_group, lsn, frames: Vec::new(), rejections: Vec::new() })
+            .collect();
+        for e in entries {
+            if let Some(first) = parts.first_mut() {
+                first.rejections.extend(e.rejections);
+            }
+            for f in e.frames {
+                let s = shard_of(&f.vehicle_id, n);
+                if let Some(p) = parts.get_mut(s) {
+                    p.frames.push(f);
+                }
+            }
+        }
+        self.next_group += 1;
+        let mut depth = 0;
+        for (tx, part) in self.shard_txs.iter().zip(parts) {
+            depth += tx.len();
+            tx.send(part).map_err(|_| anyhow::anyhow!("a shard stopped"))?;
+        }
+        metrics::gauge!("fleetpipe_queue_depth", "stage" => "shards").set(depth as f64);
+        metrics::gauge!("fleetpipe_queue_capacity", "stage" => "shards")
+            .set(self.shard_txs.iter().filter_map(|t| t.capacity()).sum::<usize>() as f64);
+        Ok(())
+    }
+}
+
+fn shard_loop(rx: Receiver<ShardBatch>, out: Sender<ShardBatch>, mut dedup: Dedup, latest: LatestCache) {
+    for mut batch in rx {
+        let dups = dedup.retain_new(&mut batch.frames);
+        if dups > 0 {
+            metrics::counter!("fleetpipe_frames_duplicate_total").increment(dups as u64);
+        }
+        if !batch.frames.is_empty() {
+            latest.apply(&batch.frames);
+        }
+        if out.send(batch).is_err() {
+            return;
+        }
+    }
+}
+
+fn resequence(rx: Receiver<ShardBatch>, shards: usize, sinks: Vec<(Sender<Arc<SinkBatch>>, Lsn)>) {
+    // group → (parts still missing, merged batch)
+    let mut pending: BTreeMap<u64, (usize, SinkBatch)> = BTreeMap::new();
+    let mut next = 0u64;
+    for part in rx.iter() {
+        let slot = pending
+            .entry(part.group)
+            .or_insert_with(|| (shards, SinkBatch { lsn: part.lsn, ..Default::default() }));
+        slot.0 -= 1;
+        slot.1.frames.extend(part.frames);
+        slot.1.rejections.extend(part.rejections);
+        while pending.get(&next).is_some_and(|(missing, _)| *missing == 0) {
+            let Some((_, batch)) = pending.remove(&next).map(|(_, b)| ((), b)) else { break };
+            next += 1;
+            record_lag(&batch);
+            let batch = Arc::new(batch);
+            for (tx, from) in &sinks {
+                // During replay a sink only gets what lies past its own checkpoint.
+                if batch.lsn > *from && tx.send(batch.clone()).is_err() {
+                    tracing::error!("a sink stopped; its queue is closed");
+                }
+            }
+        }
+        metrics::gauge!("fleetpipe_queue_depth", "stage" => "resequencer").set(rx.len() as f64);
+    }
+}
+
+/// One observation per batch: how far behind event time the batch is (its newest frame).
+fn record_lag(batch: &SinkBatch) {
+    if let Some(newest) = batch.frames.iter().map(|f| f.ts).max() {
+        let now = fleetpipe_ingest::now_micros();
+        metrics::histogram!("fleetpipe_event_lag_seconds").record((now - newest) as f64 / 1e6);
+    }
+}

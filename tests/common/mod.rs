@@ -1,0 +1,349 @@
+//! Test support: real services on free ports, fleetpipe in-process, and independent readers of
+//! what fleetpipe wrote (the parquet crate's reader, the dead-letter files).
+#![allow(dead_code, clippy::unwrap_used, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType};
+use fleetpipe::config::Config;
+use serde_json::{json, Value};
+
+pub const DRIVE: &str = include_str!("../data/css-drive-aarhus-2021-07-26-am.ndjson");
+
+pub fn drive_frames() -> Vec<Value> {
+    DRIVE.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn wait_listening(addr: SocketAddr, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listening on {addr} after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A Mosquitto of our own, with a known configuration, on a free port. Killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+fn mosquitto_bin() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    PathBuf::from("mosquitto")
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        Self::start_on(free_port(), tempfile::tempdir().unwrap())
+    }
+
+    fn start_on(port: u16, dir: tempfile::TempDir) -> Mosquitto {
+        let conf = dir.path().join("mosquitto.conf");
+        // Unlimited queues and in-flight windows: the stock 1,000-message queue would drop
+        // QoS 1 messages for a subscriber that is away, which these tests must not confuse
+        // with fleetpipe losing them.
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n\
+                 max_queued_bytes 0\npersistence true\npersistence_location {}/\nautosave_interval 1\n\
+                 log_dest stderr\nlog_type error\nlog_type warning\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("mosquitto must be installed (scripts/test.sh installs it)");
+        wait_listening(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
+        Mosquitto { port, child, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker (SIGTERM: it saves its persistence file) and starts it again on the
+    /// same port with the same state.
+    pub fn restart(mut self) -> Mosquitto {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").arg("-TERM").arg(&pid).status();
+        let _ = self.child.wait();
+        let port = self.port;
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        drop(self);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpListener::bind(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "port {port} still busy");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self::start_on(port, dir)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config for tests: everything on free ports under `dir`, files rolled quickly.
+pub fn test_config(dir: &Path, mqtt_url: Option<String>) -> Config {
+    let mut cfg = Config { data_dir: dir.to_path_buf(), ..Config::default() };
+    cfg.http.addr = ([127, 0, 0, 1], 0).into();
+    cfg.mqtt.url = mqtt_url;
+    cfg.mqtt.listen = ([127, 0, 0, 1], free_port()).into();
+    cfg.mqtt.client_id = Some(format!("fleetpipe-test-{}", unique()));
+    cfg.parquet.roll_secs = 0.3;
+    cfg.dead_letter.roll_secs = 0.3;
+    cfg.pipeline.shards = 2;
+    cfg
+}
+
+pub fn unique() -> String {
+    let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{}-{}", std::process::id(), n % 1_000_000_000_000)
+}
+
+/// A QoS 1 publisher (an MQTT 3.1.1 client, like most vehicle gateways).
+pub struct Publisher {
+    pub client: rumqttc::AsyncClient,
+    acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub sent: u64,
+}
+
+impl Publisher {
+    pub async fn connect(port: u16) -> Publisher {
+        let mut o = rumqttc::MqttOptions::new(format!("test-pub-{}", unique()), "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 24, 1 << 24).set_inflight(500);
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 1000);
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = acked.clone();
+        tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Publisher { client, acked, sent: 0 }
+    }
+
+    pub async fn publish(&mut self, topic: &str, payload: Vec<u8>) {
+        self.client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.unwrap();
+        self.sent += 1;
+    }
+
+    pub async fn publish_frame(&mut self, frame: &Value) {
+        let topic =
+            format!("vehicles/{}/{}", frame["vehicle_id"].as_str().unwrap(), frame["kind"].as_str().unwrap());
+        self.publish(&topic, serde_json::to_vec(frame).unwrap()).await;
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until the broker acknowledged everything sent.
+    pub async fn all_acked(&self) {
+        let sent = self.sent;
+        wait_for("broker acks", Duration::from_secs(60), || (self.acked() >= sent).then_some(())).await;
+    }
+}
+
+/// Every committed row under `{data_dir}/{table}/**/*.parquet`, as JSON-like maps
+/// (timestamps as epoch microseconds, lists of structs as arrays of objects).
+pub fn read_parquet(data_dir: &Path, table: &str) -> Vec<BTreeMap<String, Value>> {
+    let mut files = Vec::new();
+    collect_files(&data_dir.join(table), &mut files);
+    let mut rows = Vec::new();
+    for f in files {
+        if f.extension().and_then(|e| e.to_str()) != Some("parquet") {
+            continue;
+        }
+        let file = std::fs::File::open(&f).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap_or_else(|e| panic!("{} unreadable: {e}", f.display()))
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let schema = batch.schema();
+            for i in 0..batch.num_rows() {
+                let mut row = BTreeMap::new();
+                for (c, field) in schema.fields().iter().enumerate() {
+                    row.insert(field.name().clone(), cell(batch.column(c).as_ref(), i));
+                }
+                rows.push(row);
+            }
+        }
+    }
+    rows
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            collect_files(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+fn cell(col: &dyn Array, i: usize) -> Value {
+    if col.is_null(i) {
+        return Value::Null;
+    }
+    match col.data_type() {
+        DataType::Utf8 => json!(col.as_string::<i32>().value(i)),
+        DataType::Int64 => json!(col.as_primitive::<Int64Type>().value(i)),
+        DataType::Int32 => json!(col.as_primitive::<Int32Type>().value(i)),
+        DataType::Float64 => json!(col.as_primitive::<Float64Type>().value(i)),
+        DataType::Boolean => json!(col.as_boolean().value(i)),
+        DataType::Timestamp(_, _) => json!(col.as_primitive::<TimestampMicrosecondType>().value(i)),
+        DataType::List(_) => {
+            let list = col.as_list::<i32>();
+            let values = list.value(i);
+            (0..values.len()).map(|j| cell(values.as_ref(), j)).collect::<Vec<_>>().into()
+        }
+        DataType::Struct(fields) => {
+            let s = col.as_struct();
+            let mut m = serde_json::Map::new();
+            for (k, f) in fields.iter().enumerate() {
+                m.insert(f.name().clone(), cell(s.column(k).as_ref(), i));
+            }
+            Value::Object(m)
+        }
+        other => panic!("unexpected column type {other:?}"),
+    }
+}
+
+/// RFC 3339 or epoch ms → epoch µs.
+pub fn ts_micros(v: &Value) -> i64 {
+    match v {
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp_micros(),
+        Value::Number(n) => n.as_i64().unwrap() * 1000,
+        other => panic!("bad ts {other}"),
+    }
+}
+
+pub const LOCATION_FIELDS: [&str; 9] =
+    ["lat", "lon", "speed_kmh", "heading_deg", "alt_m", "accuracy_m", "satellites", "odometer_m", "ignition"];
+
+/// Asserts that `rows` hold exactly the location `frames` (once each, every value equal).
+pub fn assert_locations_equal(rows: &[BTreeMap<String, Value>], frames: &[Value]) {
+    assert_eq!(rows.len(), frames.len(), "row count");
+    let mut by_key: BTreeMap<(String, i64, i64), &BTreeMap<String, Value>> = BTreeMap::new();
+    for r in rows {
+        let key = (
+            r["vehicle_id"].as_str().unwrap().to_string(),
+            r["ts"].as_i64().unwrap(),
+            r["seq"].as_i64().unwrap(),
+        );
+        assert!(by_key.insert(key.clone(), r).is_none(), "duplicate row {key:?}");
+    }
+    for f in frames {
+        let key = (
+            f["vehicle_id"].as_str().unwrap().to_string(),
+            ts_micros(&f["ts"]),
+            f["seq"].as_i64().unwrap_or(0),
+        );
+        let row = by_key.get(&key).unwrap_or_else(|| panic!("frame {key:?} missing from Parquet"));
+        for field in LOCATION_FIELDS {
+            let want = f.get(field).cloned().unwrap_or(Value::Null);
+            let got = row.get(field).cloned().unwrap_or(Value::Null);
+            let equal = match (&want, &got) {
+                (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+                _ => want == got,
+            };
+            assert!(equal, "{key:?} field {field}: sent {want}, stored {got}");
+        }
+    }
+}
+
+/// Starts fleetpipe in-process.
+pub async fn start(cfg: Config) -> fleetpipe::app::Running {
+    let running = fleetpipe::app::start(cfg).await.unwrap();
+    let http = running.http_addr;
+    wait_for("fleetpipe ready", Duration::from_secs(30), || {
+        let ok = std::net::TcpStream::connect(http).is_ok() && running.is_subscribed();
+        ok.then_some(())
+    })
+    .await;
+    running
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+pub async fn http_post(addr: SocketAddr, body: Vec<u8>, content_type: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/frames"))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// One counter's value from the Prometheus exposition (0 when absent).
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
