@@ -20,7 +20,7 @@ impl Fleetpipe {
         let child = Command::new(env!("CARGO_BIN_EXE_fleetpipe"))
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("FLEETPIPE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -44,6 +44,7 @@ pub(crate) fn snippet(s: &str) -> String {
 
 /// Runs every check on `frame`, with `frame.received_at` as the receiving clock.
 pub fn frame(frame: &Frame, rules: &Rules) -> Check {
+    vehicle_id(&frame.vehicle_id)?;
     frame_decoded(frame, rules)?;
     if let Body::Diagnostic(d) = &frame.body {
         if let Some(s) = &d.signals {
@@ -53,10 +54,9 @@ pub fn frame(frame: &Frame, rules: &Rules) -> Check {
     Ok(())
 }
 
-/// [`frame`] without re-parsing `signals`, for frames the codecs built: they already reduced the
-/// signals to canonical text through [`signals`].
+/// [`frame`] for frames the codecs built: they check `vehicle_id` first (before the topic rules)
+/// and have already reduced `signals` to canonical text through [`signals`].
 pub(crate) fn frame_decoded(frame: &Frame, rules: &Rules) -> Check {
-    vehicle_id(&frame.vehicle_id)?;
     ts(frame.ts, frame.received_at, rules)?;
     seq(frame.seq)?;
     match &frame.body {
@@ -376,6 +376,32 @@ mod tests {
     fn seq_must_fit_a_signed_64_bit_column() {
         assert!(seq(i64::MAX as u64).is_ok());
         assert_eq!(seq(i64::MAX as u64 + 1).map_err(|e| e.0), Err(Reason::OutOfRange));
+    }
+
+    #[test]
+    fn frame_runs_every_check_including_vehicle_id_and_signals() {
+        let now = 1_795_640_400_000_000;
+        let good = Frame {
+            vehicle_id: "V1".to_owned(),
+            ts: now,
+            seq: 1,
+            received_at: now,
+            body: Body::Diagnostic(Box::new(Diagnostic {
+                signals: Some(r#"{"a":1}"#.to_owned()),
+                ..Diagnostic::default()
+            })),
+        };
+        assert_eq!(frame(&good, &Rules::default()), Ok(()));
+        let bad_id = Frame { vehicle_id: "V 1".to_owned(), ..good.clone() };
+        assert_eq!(frame(&bad_id, &Rules::default()).map_err(|e| e.0), Err(Reason::InvalidVehicleId));
+        let bad_signals = Frame {
+            body: Body::Diagnostic(Box::new(Diagnostic {
+                signals: Some(r#"{"a":[1]}"#.to_owned()),
+                ..Diagnostic::default()
+            })),
+            ..good
+        };
+        assert_eq!(frame(&bad_signals, &Rules::default()).map_err(|e| e.0), Err(Reason::InvalidSignals));
     }
 
     #[test]

@@ -75,7 +75,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n\
+                "listener {port} 127.0.0.1\nuser root\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n\
                  max_queued_bytes 0\npersistence true\npersistence_location {}/\nautosave_interval 1\n\
                  log_dest stderr\nlog_type error\nlog_type warning\n",
                 dir.path().display()

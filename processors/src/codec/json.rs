@@ -1,7 +1,7 @@
 //! The JSON wire format (CONTRACT.md §1): decoding objects, arrays and NDJSON into frames, and
 //! encoding a frame back into normalised contract JSON.
 //!
-//! Decoding deserializes straight into a borrowed wire struct ([`Wire`]): strings borrow from the
+//! Decoding deserializes straight into a borrowed wire struct (`Wire`): strings borrow from the
 //! payload, `ts` is parsed in its visitor, and nothing is buffered (no `serde(untagged)`, no
 //! intermediate `Value`). Values whose *type* is wrong in a way the contract names a reason for
 //! (`ts`, `dtcs` items, `signals`) are captured as "invalid" variants instead of serde errors, so
@@ -666,6 +666,7 @@ fn array(ctx: &Ctx<'_>, out: &mut Decoded) {
     if let Ok(wires) = serde_json::from_slice::<Vec<Wire>>(p) {
         // Element bytes are needed only for rejections; split lazily, at most once.
         let mut raws: Option<Vec<&RawValue>> = None;
+        out.frames.reserve(wires.len());
         for (i, mut w) in wires.into_iter().enumerate() {
             let result = build(ctx, &mut w);
             ctx.push(

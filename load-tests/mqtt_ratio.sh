@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# End-to-end MQTT measurement, in one run on one machine:
+#   limit     = what Mosquitto alone delivers to a bare subscriber (fleetpipe-load subscribe)
+#   fleetpipe = what fleetpipe makes durable (acknowledged: in its fsync'd log) and then
+#               commits to Parquet, from the same publisher and the same frames
+# for QoS 0 and QoS 1, and prints both and the ratio, plus fleetpipe's peak RSS.
+#
+#   load-tests/mqtt_ratio.sh [FRAMES] [VEHICLES]      (defaults 200000 and 1000)
+#
+# Broker settings (stated, identical for both): our own Mosquitto on a free port, no
+# persistence, max_queued_messages 0 and max_inflight_messages 0 (unlimited), so neither side
+# is throttled by the stock 20-message window or loses messages to the 1,000-message queue.
+# The publisher is one MQTT 3.1.1 connection with 1,000 messages in flight; fleetpipe and the
+# bare subscriber connect with MQTT 5 and a Receive Maximum of 65,535.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FRAMES="${1:-200000}"
+VEHICLES="${2:-1000}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
+cargo build --release -q -p fleetpipe -p fleetpipe-load
+BIN="$CARGO_TARGET_DIR/release"
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 500); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.02; done; echo "port $1 not open" >&2; return 1; }
+MOSQ="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+MQTT_PORT="$(free_port)"
+cat > "$WORK/mosquitto.conf" <<CONF
+listener $MQTT_PORT 127.0.0.1
+user root
+allow_anonymous true
+persistence false
+max_queued_messages 0
+max_inflight_messages 0
+max_queued_bytes 0
+log_dest none
+CONF
+"$MOSQ" -c "$WORK/mosquitto.conf" & PIDS+=($!)
+wait_port "$MQTT_PORT"
+
+# Prints elapsed seconds of a bare-subscriber run.
+bare() {
+  local qos=$1 ready="$WORK/ready.$1"
+  rm -f "$ready"
+  "$BIN/fleetpipe-load" subscribe --port "$MQTT_PORT" --count "$FRAMES" --qos "$qos" --ready-file "$ready" > "$WORK/sub.out" & local sub=$!
+  for _ in $(seq 1 500); do [ -f "$ready" ] && break; sleep 0.01; done
+  local start; start=$("$BIN/fleetpipe-load" publish --port "$MQTT_PORT" --frames "$FRAMES" --vehicles "$VEHICLES" --qos "$qos" | awk '/^start/{print $2}')
+  wait "$sub"
+  local end; end=$(awk '/^end/{print $2}' "$WORK/sub.out")
+  python3 -c "print(f'{$end - $start:.3f}')"
+}
+
+# Prints "durable_seconds parquet_seconds peak_rss_mib" of a fleetpipe run.
+fleet() {
+  local qos=$1 http; http="$(free_port)"
+  local data="$WORK/data.$qos"
+  cat > "$WORK/fleetpipe.$qos.toml" <<CONF
+data_dir = "$data"
+[http]
+addr = "127.0.0.1:$http"
+[mqtt]
+url = "mqtt://127.0.0.1:$MQTT_PORT"
+client_id = "fleetpipe-bench-$qos-$$"
+qos = $qos
+[parquet]
+roll_secs = 1.0
+CONF
+  RUST_LOG=warn "$BIN/fleetpipe" run --config "$WORK/fleetpipe.$qos.toml" & local fp=$!
+  PIDS+=($fp)
+  for _ in $(seq 1 500); do curl -sf "http://127.0.0.1:$http/ready" >/dev/null 2>&1 && break; sleep 0.02; done
+  "$BIN/fleetpipe-load" publish --port "$MQTT_PORT" --frames "$FRAMES" --vehicles "$VEHICLES" --qos "$qos" > "$WORK/pub.$qos.out" &
+  local pub=$!
+  local wait=("$BIN/fleetpipe-load" wait-metric --timeout 300 --url "http://127.0.0.1:$http/metrics")
+  local durable; durable=$("${wait[@]}" --name 'fleetpipe_frames_written_total{sink="wal"}' --value "$FRAMES" | awk '/^end/{print $2}')
+  local parquet; parquet=$("${wait[@]}" --name 'fleetpipe_frames_written_total{sink="parquet"}' --value "$FRAMES" | awk '/^end/{print $2}')
+  wait "$pub"
+  local start; start=$(awk '/^start/{print $2}' "$WORK/pub.$qos.out")
+  local rss; rss=$(awk '/VmHWM/{printf "%.0f", $2/1024}' "/proc/$fp/status")
+  kill -TERM "$fp"; wait "$fp" || true
+  python3 -c "print(f'{$durable - $start:.3f} {$parquet - $start:.3f} $rss')"
+}
+
+printf '\nfleetpipe MQTT end to end: %s frames, %s vehicles, %s, %s cores\n' "$FRAMES" "$VEHICLES" "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)"
+printf '%-6s %14s %18s %18s %8s %8s %9s\n' qos 'bare frames/s' 'durable frames/s' 'parquet frames/s' ratio ratio_pq 'rss MiB'
+for qos in 0 1; do
+  b=$(bare "$qos")
+  read -r d p rss < <(fleet "$qos")
+  python3 - "$qos" "$b" "$d" "$p" "$rss" "$FRAMES" <<'PY'
+import sys
+qos, b, d, p, rss, n = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+print(f"{qos:<6} {n/b:14.0f} {n/d:18.0f} {n/p:18.0f} {b/d:8.2f} {b/p:8.2f} {rss:>9}")
+PY
+done

@@ -1,0 +1,212 @@
+//! `fleetpipe-load`: the pieces of the end-to-end measurement (see `mqtt_ratio.sh`).
+//!
+//! - `publish`: one MQTT 3.1.1 connection publishing N pre-built frames flat out over V
+//!   vehicles (QoS 0 or 1; at QoS 1 it waits for every PUBACK). Prints the start time.
+//! - `subscribe`: the bare ceiling, an MQTT 5 subscriber with automatic acks and a 65,535
+//!   receive window that only counts messages. Prints the time the N-th arrived.
+//! - `wait-metric`: polls a Prometheus endpoint until a counter reaches N. Prints that time.
+//!
+//! Times are Unix epoch seconds with nanoseconds, so a script can subtract them.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Publish {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 100_000)]
+        frames: u64,
+        #[arg(long, default_value_t = 1000)]
+        vehicles: u64,
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+    },
+    Subscribe {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+        /// File created once the subscription is acknowledged.
+        #[arg(long)]
+        ready_file: Option<std::path::PathBuf>,
+    },
+    WaitMetric {
+        #[arg(long)]
+        url: String,
+        /// Metric name with labels, as in the exposition.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        value: f64,
+        #[arg(long, default_value_t = 600.0)]
+        timeout: f64,
+    },
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn frame(i: u64, vehicles: u64) -> (String, Vec<u8>) {
+    let v = i % vehicles.max(1);
+    let seq = i / vehicles.max(1) + 1;
+    let ts = 1_795_640_400_000i64 + (seq as i64) * 1000;
+    let lat = 56.0 + (v as f64) * 1e-4 + (seq as f64) * 1e-6;
+    let body = format!(
+        r#"{{"vehicle_id":"LOAD{v:08}","ts":{ts},"seq":{seq},"lat":{lat:.6},"lon":10.213695,"speed_kmh":33.8,"heading_deg":273.0,"alt_m":38.5,"accuracy_m":3.2,"satellites":9,"odometer_m":2077000}}"#
+    );
+    (format!("vehicles/LOAD{v:08}/location"), body.into_bytes())
+}
+
+fn qos(q: u8) -> rumqttc::QoS {
+    if q == 0 {
+        rumqttc::QoS::AtMostOnce
+    } else {
+        rumqttc::QoS::AtLeastOnce
+    }
+}
+
+async fn publish(host: String, port: u16, frames: u64, vehicles: u64, q: u8) -> anyhow::Result<()> {
+    let msgs: Vec<(String, Vec<u8>)> = (0..frames).map(|i| frame(i, vehicles)).collect();
+    let mut o = rumqttc::MqttOptions::new(format!("fleetpipe-load-pub-{}", std::process::id()), host, port);
+    o.set_keep_alive(Duration::from_secs(30)).set_inflight(1000).set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10_000);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let expect = if q == 0 { 0 } else { frames };
+    tokio::spawn(async move {
+        let mut acked = 0u64;
+        let mut done_tx = Some(done_tx);
+        if expect == 0 {
+            if let Some(tx) = done_tx.take() {
+                let _ = tx.send(());
+            }
+        }
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                    acked += 1;
+                    if acked == expect {
+                        if let Some(tx) = done_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(rumqttc::ConnectionError::RequestsDone) => return,
+                Err(e) => {
+                    eprintln!("publisher connection error: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    let start = now();
+    println!("start {start:.6}");
+    for (topic, body) in msgs {
+        client.publish(topic, qos(q), false, body).await?;
+    }
+    done_rx.await.context("publisher loop ended")?;
+    let end = now();
+    println!("published {frames} in {:.3} s ({:.0}/s)", end - start, frames as f64 / (end - start));
+    client.disconnect().await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+async fn subscribe(
+    host: String,
+    port: u16,
+    count: u64,
+    q: u8,
+    ready: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let mut o =
+        rumqttc::v5::MqttOptions::new(format!("fleetpipe-load-sub-{}", std::process::id()), host, port);
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_receive_maximum(Some(65_535))
+        .set_max_packet_size(Some(1 << 20));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 70_000);
+    let sub_qos = if q == 0 {
+        rumqttc::v5::mqttbytes::QoS::AtMostOnce
+    } else {
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce
+    };
+    client.subscribe("vehicles/+/+", sub_qos).await?;
+    let mut n = 0u64;
+    loop {
+        match el.poll().await {
+            Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::SubAck(_))) => {
+                if let Some(p) = &ready {
+                    std::fs::write(p, b"ready")?;
+                }
+            }
+            Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(_))) => {
+                n += 1;
+                if n == count {
+                    println!("end {:.6}", now());
+                    return Ok(());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => bail!("subscriber connection error after {n} messages: {e}"),
+        }
+    }
+}
+
+async fn wait_metric(url: String, name: String, value: f64, timeout: f64) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = now() + timeout;
+    loop {
+        if let Ok(r) = client.get(&url).send().await {
+            let text = r.text().await.unwrap_or_default();
+            let v = text
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(name.as_str())
+                        .and_then(|r| r.strip_prefix(' '))
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                })
+                .unwrap_or(0.0);
+            if v >= value {
+                println!("end {:.6}", now());
+                return Ok(());
+            }
+        }
+        if now() > deadline {
+            bail!("{name} did not reach {value} within {timeout} s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Publish { host, port, frames, vehicles, qos } => {
+                publish(host, port, frames, vehicles, qos).await
+            }
+            Cmd::Subscribe { host, port, count, qos, ready_file } => {
+                subscribe(host, port, count, qos, ready_file).await
+            }
+            Cmd::WaitMetric { url, name, value, timeout } => wait_metric(url, name, value, timeout).await,
+        }
+    })
+}
