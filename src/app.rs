@@ -85,6 +85,30 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let latest =
         LatestCache::new(cfg.cache.max_vehicles, Duration::from_secs(cfg.cache.idle_ttl_secs.max(1)));
 
+    // MQTT first: the external broker, or the embedded one (a taken port fails before anything
+    // else has started).
+    let (mqtt_cfg, mqtt_addr) = match &cfg.mqtt.url {
+        Some(url) => {
+            let (host, port) = parse_mqtt_url(url)?;
+            let addr = tokio::net::lookup_host((host.as_str(), port)).await.ok().and_then(|mut a| a.next());
+            let protocol = match cfg.mqtt.protocol {
+                MqttProtocol::V5 => Protocol::V5,
+                MqttProtocol::V311 => Protocol::V311,
+            };
+            (mqtt_config(&cfg, host, port, protocol), addr)
+        }
+        None => {
+            broker::start(&BrokerConfig {
+                listen: cfg.mqtt.listen,
+                listen_v5: cfg.mqtt.listen_v5,
+                max_payload_bytes: cfg.mqtt.max_packet_bytes,
+                max_inflight: usize::from(cfg.mqtt.receive_maximum),
+            })?;
+            let l = cfg.mqtt.listen;
+            let host = if l.ip().is_unspecified() { "127.0.0.1".to_string() } else { l.ip().to_string() };
+            (mqtt_config(&cfg, host, l.port(), Protocol::V311), Some(l))
+        }
+    };
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if cfg.parquet.enabled {
         let p = ParquetSink::open(ParquetConfig {
@@ -131,29 +155,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let draining = Arc::new(AtomicBool::new(false));
     let mqtt_ready = Arc::new(AtomicBool::new(false));
 
-    // MQTT: the external broker, or the embedded one.
-    let (mqtt_cfg, mqtt_addr) = match &cfg.mqtt.url {
-        Some(url) => {
-            let (host, port) = parse_mqtt_url(url)?;
-            let addr = tokio::net::lookup_host((host.as_str(), port)).await.ok().and_then(|mut a| a.next());
-            let protocol = match cfg.mqtt.protocol {
-                MqttProtocol::V5 => Protocol::V5,
-                MqttProtocol::V311 => Protocol::V311,
-            };
-            (mqtt_config(&cfg, host, port, protocol), addr)
-        }
-        None => {
-            broker::start(&BrokerConfig {
-                listen: cfg.mqtt.listen,
-                listen_v5: cfg.mqtt.listen_v5,
-                max_payload_bytes: cfg.mqtt.max_packet_bytes,
-                max_inflight: usize::from(cfg.mqtt.receive_maximum),
-            })?;
-            let l = cfg.mqtt.listen;
-            let host = if l.ip().is_unspecified() { "127.0.0.1".to_string() } else { l.ip().to_string() };
-            (mqtt_config(&cfg, host, l.port(), Protocol::V311), Some(l))
-        }
-    };
     let mqtt = {
         let shutdown = wait_stop(stop_rx.clone());
         let ready = mqtt_ready.clone();

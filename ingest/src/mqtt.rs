@@ -223,7 +223,10 @@ fn connect(cfg: &MqttConfig) -> (Client, EventLoop) {
             o.set_keep_alive(cfg.keep_alive)
                 .set_clean_session(false)
                 .set_manual_acks(true)
-                .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
+                // MQTT 3.1.1 cannot tell the broker our limit: read whatever it sends (up to
+                // 256 MiB, the protocol's own maximum) and dead-letter what is over the payload
+                // limit, instead of erroring, reconnecting and being sent the same message again.
+                .set_max_packet_size(V311_MAX_INCOMING.max(cfg.max_packet_bytes), cfg.max_packet_bytes)
                 .set_inflight(cfg.receive_maximum.max(1));
             if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
                 o.set_credentials(u, p);
@@ -249,6 +252,9 @@ fn connect(cfg: &MqttConfig) -> (Client, EventLoop) {
         }
     }
 }
+
+/// The largest packet MQTT 3.1.1 can encode (remaining length < 2^28).
+const V311_MAX_INCOMING: usize = 268_435_455;
 
 /// Acknowledgements to send, in arrival order, with the connection epoch they belong to.
 struct AckBatch {
