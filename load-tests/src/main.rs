@@ -5,6 +5,8 @@
 //! - `subscribe`: the bare ceiling, an MQTT 5 subscriber with automatic acks and a 65,535
 //!   receive window that only counts messages. Prints the time the N-th arrived.
 //! - `wait-metric`: polls a Prometheus endpoint until a counter reaches N. Prints that time.
+//! - `l1-bytes`: fills the L1 latest-state cache with N vehicles (a location and a diagnostic
+//!   frame each) and prints the resident memory it added per vehicle.
 //!
 //! Times are Unix epoch seconds with nanoseconds, so a script can subtract them.
 
@@ -45,6 +47,10 @@ enum Cmd {
         /// File created once the subscription is acknowledged.
         #[arg(long)]
         ready_file: Option<std::path::PathBuf>,
+    },
+    L1Bytes {
+        #[arg(long, default_value_t = 1_000_000)]
+        vehicles: u64,
     },
     WaitMetric {
         #[arg(long)]
@@ -195,6 +201,68 @@ async fn wait_metric(url: String, name: String, value: f64, timeout: f64) -> any
     }
 }
 
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().to_string())
+            })
+        })
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn l1_bytes(vehicles: u64) {
+    use fleetpipe_processors::{latest::LatestCache, Body, Diagnostic, Frame, Location};
+    let cache = LatestCache::new(vehicles + 1, Duration::from_secs(3600));
+    let before = rss_bytes();
+    let mut batch = Vec::with_capacity(10_000);
+    for v in 0..vehicles {
+        let id = format!("WVWZZZ1JZ{v:08}");
+        let loc = Location {
+            lat: 56.1,
+            lon: 10.2,
+            speed_kmh: Some(33.8),
+            heading_deg: Some(273.0),
+            accuracy_m: Some(3.2),
+            ..Default::default()
+        };
+        batch.push(Frame {
+            vehicle_id: id.clone(),
+            ts: 1,
+            seq: 1,
+            received_at: 1,
+            body: Body::Location(loc),
+        });
+        let diag = Diagnostic {
+            engine_rpm: Some(2150.0),
+            coolant_temp_c: Some(88.0),
+            fuel_level_pct: Some(61.5),
+            ..Default::default()
+        };
+        batch.push(Frame {
+            vehicle_id: id,
+            ts: 1,
+            seq: 2,
+            received_at: 1,
+            body: Body::Diagnostic(Box::new(diag)),
+        });
+        if batch.len() >= 10_000 {
+            cache.apply(&batch);
+            batch.clear();
+        }
+    }
+    cache.apply(&batch);
+    let held = cache.len();
+    let after = rss_bytes();
+    let per = after.saturating_sub(before) as f64 / held.max(1) as f64;
+    println!(
+        "l1: {held} vehicles, {:.0} MiB resident added, {per:.0} bytes per vehicle (location + diagnostic)",
+        (after - before) as f64 / 1048576.0
+    );
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -207,6 +275,10 @@ fn main() -> anyhow::Result<()> {
                 subscribe(host, port, count, qos, ready_file).await
             }
             Cmd::WaitMetric { url, name, value, timeout } => wait_metric(url, name, value, timeout).await,
+            Cmd::L1Bytes { vehicles } => {
+                l1_bytes(vehicles);
+                Ok(())
+            }
         }
     })
 }

@@ -443,26 +443,19 @@ impl Sink for ParquetSink {
 
     fn tick(&mut self, now: Instant) -> Result<(), SinkError> {
         self.ready()?;
-        match self.oldest_open {
-            Some(oldest) => {
-                if now.saturating_duration_since(oldest) >= self.cfg.roll_after {
-                    return self.roll("age");
-                }
-                if self.max_rows >= self.cfg.max_file_rows {
-                    return self.roll("size");
-                }
-            }
-            None => {
-                // Batches without frames moved `durable` in memory; persist it now and then so
-                // that a restart does not replay them all.
-                if self.last_lsn > self.dir.checkpoint().lsn
-                    && now.saturating_duration_since(self.last_checkpoint) >= self.cfg.roll_after
-                {
-                    return self.roll("checkpoint");
-                }
-            }
+        let due = rolling::roll_due(rolling::RollState {
+            oldest_open: self.oldest_open,
+            fullest: self.max_rows,
+            max_per_file: self.cfg.max_file_rows,
+            roll_after: self.cfg.roll_after,
+            unsaved: self.last_lsn > self.dir.checkpoint().lsn,
+            last_checkpoint: self.last_checkpoint,
+            now,
+        });
+        match due {
+            Some(why) => self.roll(why),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn close(&mut self) -> Result<(), SinkError> {

@@ -463,3 +463,33 @@ mod tests {
         assert_eq!(rfc3339_millis(-1_000), "1969-12-31T23:59:59.999Z");
     }
 }
+
+/// What a file sink knows when deciding whether to roll.
+#[derive(Debug, Clone, Copy)]
+pub struct RollState {
+    /// When the oldest open file was opened; `None` when nothing is open.
+    pub oldest_open: Option<std::time::Instant>,
+    /// Rows (or lines) in the fullest open file.
+    pub fullest: usize,
+    pub max_per_file: usize,
+    pub roll_after: std::time::Duration,
+    /// Batches without anything for this sink moved its position past the saved checkpoint.
+    pub unsaved: bool,
+    pub last_checkpoint: std::time::Instant,
+    pub now: std::time::Instant,
+}
+
+/// The one roll policy of the file sinks: roll open files by age or size; with nothing open,
+/// save a position that moved now and then, so that a restart does not replay it all.
+/// Returns why a roll is due.
+pub fn roll_due(s: RollState) -> Option<&'static str> {
+    match s.oldest_open {
+        Some(oldest) if s.now.saturating_duration_since(oldest) >= s.roll_after => Some("age"),
+        Some(_) if s.fullest >= s.max_per_file => Some("size"),
+        Some(_) => None,
+        None if s.unsaved && s.now.saturating_duration_since(s.last_checkpoint) >= s.roll_after => {
+            Some("checkpoint")
+        }
+        None => None,
+    }
+}

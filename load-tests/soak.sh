@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Steady-load soak: fleetpipe on embedded defaults, `fleetpipe simulate` publishing VEHICLES
+# vehicles at HZ over MQTT QoS 1 for SECONDS, fleetpipe's resident memory sampled every 10 s.
+# Flat RSS = the second half's samples stay within a few percent of each other.
+#   load-tests/soak.sh [SECONDS] [VEHICLES] [HZ]       (defaults 300, 1000, 10)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_TOTAL="${1:-300}"; VEHICLES="${2:-1000}"; HZ="${3:-10}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
+cargo build --release -q -p fleetpipe
+BIN="$CARGO_TARGET_DIR/release/fleetpipe"
+WORK="$(mktemp -d)"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+MQTT="$(free_port)"; HTTP="$(free_port)"
+FLEETPIPE_DATA_DIR="$WORK/data" FLEETPIPE_MQTT_LISTEN="127.0.0.1:$MQTT" FLEETPIPE_HTTP_ADDR="127.0.0.1:$HTTP" RUST_LOG=warn "$BIN" run & FP=$!
+trap 'kill $FP 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
+for _ in $(seq 1 500); do curl -sf "http://127.0.0.1:$HTTP/ready" >/dev/null 2>&1 && break; sleep 0.02; done
+"$BIN" simulate --vehicles "$VEHICLES" --hz "$HZ" --duration "$SECONDS_TOTAL" --target "mqtt://127.0.0.1:$MQTT" > "$WORK/sim.out" 2>/dev/null & SIM=$!
+echo "soak: $VEHICLES vehicles x $HZ Hz for $SECONDS_TOTAL s, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores"
+printf '%8s %10s %14s\n' t_s rss_mib frames_durable
+samples=()
+for t in $(seq 10 10 "$SECONDS_TOTAL"); do
+  sleep 10
+  rss=$(awk '/VmRSS/{printf "%.1f", $2/1024}' "/proc/$FP/status")
+  n=$(curl -sf "http://127.0.0.1:$HTTP/metrics" | awk '/^fleetpipe_frames_written_total\{sink="wal"\}/{print $2}')
+  printf '%8s %10s %14s\n' "$t" "$rss" "${n:-0}"
+  samples+=("$rss")
+done
+wait $SIM || true
+cat "$WORK/sim.out"
+python3 - "${samples[@]}" <<'PY'
+import sys
+s = [float(x) for x in sys.argv[1:]]
+half = s[len(s)//2:]
+print(f"rss second half: min {min(half):.1f} MiB, max {max(half):.1f} MiB, spread {100*(max(half)-min(half))/max(half):.1f} %")
+PY
