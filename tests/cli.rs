@@ -56,3 +56,39 @@ async fn simulate_publishes_both_kinds_over_mqtt_and_every_frame_is_stored() {
     assert!(!diagnostics.is_empty(), "diagnostic frames too");
     assert_eq!(locations.len() + diagnostics.len(), sent, "every published frame stored once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_works_against_the_embedded_broker_as_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(test_config(dir.path(), None)).await;
+    let port = running.mqtt_addr.unwrap().port().to_string();
+    let frame = r#"{"vehicle_id":"VAN-1","ts":"2026-11-25T21:00:00.250Z","seq":1,"lat":56.1,"lon":10.2,"speed_kmh":33.8}"#;
+    let status = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", "vehicles/VAN-1/location", "-m", frame])
+        .status()
+        .expect("mosquitto_pub (package mosquitto-clients) must be installed");
+    assert!(status.success());
+    let addr = running.http_addr;
+    let doc = wait_for_vehicle(addr, "VAN-1").await;
+    assert_eq!(doc["location"]["speed_kmh"], 33.8);
+    assert_eq!(doc["location"]["ts"], "2026-11-25T21:00:00.250Z");
+    let (status, near) = http_get(addr, "/v1/vehicles?near=56.1001,10.2&radius_m=100&limit=5").await;
+    assert_eq!(status, 200);
+    assert_eq!(near["vehicles"][0]["vehicle_id"], "VAN-1");
+    assert_eq!(near["vehicles"][0]["distance_m"], 11.1);
+    let (_, far) = http_get(addr, "/v1/vehicles?near=57.1,10.2&radius_m=100").await;
+    assert_eq!(far["vehicles"], serde_json::json!([]));
+    running.stop().await.unwrap();
+}
+
+async fn wait_for_vehicle(addr: std::net::SocketAddr, id: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, doc) = http_get(addr, &format!("/v1/vehicles/{id}")).await;
+        if status == 200 {
+            return doc;
+        }
+        assert!(std::time::Instant::now() < deadline, "vehicle {id} never appeared");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
