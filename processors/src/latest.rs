@@ -14,24 +14,41 @@ use std::time::Duration;
 
 use crate::frame::{Body, Frame};
 
-/// What L1 keeps for one vehicle.
+/// What L1 keeps for one vehicle: the newest frame of each kind, shared (a batch that moves one
+/// kind forward does not copy the other).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct VehicleState {
-    pub location: Option<Frame>,
-    pub diagnostic: Option<Frame>,
+    pub location: Option<Arc<Frame>>,
+    pub diagnostic: Option<Arc<Frame>>,
+}
+
+fn is_newer(frame: &Frame, held: Option<&Frame>) -> bool {
+    held.is_none_or(|h| (frame.ts, frame.seq) > (h.ts, h.seq))
 }
 
 impl VehicleState {
-    /// Folds `frame` in if it is newer than what is held for its kind. Returns whether it was.
-    pub fn merge(&mut self, frame: &Frame) -> bool {
-        let slot = match frame.body {
+    fn slot(&mut self, frame: &Frame) -> &mut Option<Arc<Frame>> {
+        match frame.body {
             Body::Location(_) => &mut self.location,
             Body::Diagnostic(_) => &mut self.diagnostic,
-        };
-        let newer = match slot {
-            None => true,
-            Some(held) => (frame.ts, frame.seq) > (held.ts, held.seq),
-        };
+        }
+    }
+
+    /// Folds `frame` in if it is newer (by `ts`, then `seq`) than what is held for its kind.
+    /// Returns whether it was.
+    pub fn merge(&mut self, frame: &Frame) -> bool {
+        let slot = self.slot(frame);
+        let newer = is_newer(frame, slot.as_deref());
+        if newer {
+            *slot = Some(Arc::new(frame.clone()));
+        }
+        newer
+    }
+
+    /// Like [`VehicleState::merge`], for a frame that is already shared.
+    fn merge_shared(&mut self, frame: &Arc<Frame>) -> bool {
+        let slot = self.slot(frame);
+        let newer = is_newer(frame, slot.as_deref());
         if newer {
             *slot = Some(frame.clone());
         }
@@ -58,23 +75,26 @@ impl LatestCache {
         LatestCache { cache }
     }
 
-    /// Applies a batch: one lookup and at most one insert per vehicle, not per frame.
-    /// Returns how many vehicles' state moved forward.
+    /// Applies a batch: one lookup and at most one insert per vehicle, not per frame, and a
+    /// copy only of the frames that become latest. Returns how many vehicles moved forward.
     pub fn apply(&self, frames: &[Frame]) -> usize {
-        let mut newest: HashMap<&str, VehicleState> = HashMap::new();
+        // Newest location and diagnostic per vehicle within the batch.
+        let mut newest: HashMap<&str, [Option<&Frame>; 2]> = HashMap::new();
         for f in frames {
-            newest.entry(f.vehicle_id.as_str()).or_default().merge(f);
+            let slot = &mut newest.entry(f.vehicle_id.as_str()).or_default()[f.kind() as usize];
+            if is_newer(f, *slot) {
+                *slot = Some(f);
+            }
         }
         let mut moved = 0;
-        for (id, incoming) in newest {
-            let key: Arc<str> = Arc::from(id);
-            let mut state = self.cache.get(&key).map(|s| (*s).clone()).unwrap_or_default();
+        for (id, candidates) in newest {
+            let mut state = self.cache.get(id).map(|s| (*s).clone()).unwrap_or_default();
             let mut changed = false;
-            for f in incoming.location.iter().chain(incoming.diagnostic.iter()) {
+            for f in candidates.into_iter().flatten() {
                 changed |= state.merge(f);
             }
             if changed {
-                self.cache.insert(key, Arc::new(state));
+                self.cache.insert(Arc::from(id), Arc::new(state));
                 moved += 1;
             }
         }
@@ -83,14 +103,13 @@ impl LatestCache {
 
     /// Puts a state fetched from a lower tier (L2, Postgres) unless L1 already holds newer.
     pub fn fill(&self, id: &str, state: &VehicleState) {
-        let key: Arc<str> = Arc::from(id);
-        let mut held = self.cache.get(&key).map(|s| (*s).clone()).unwrap_or_default();
+        let mut held = self.cache.get(id).map(|s| (*s).clone()).unwrap_or_default();
         let mut changed = false;
         for f in state.location.iter().chain(state.diagnostic.iter()) {
-            changed |= held.merge(f);
+            changed |= held.merge_shared(f);
         }
         if changed {
-            self.cache.insert(key, Arc::new(held));
+            self.cache.insert(Arc::from(id), Arc::new(held));
         }
     }
 
@@ -172,7 +191,7 @@ mod tests {
         };
         c.apply(&[loc("a", 20, 2.0), diag.clone()]);
         let s = c.get("a").expect("vehicle a");
-        assert_eq!(s.diagnostic.as_ref(), Some(&diag));
+        assert_eq!(s.diagnostic.as_deref(), Some(&diag));
         assert_eq!(s.newest_ts(), Some(20));
     }
 
