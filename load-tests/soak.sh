@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Steady-load soak: fleetpipe on embedded defaults, `fleetpipe simulate` publishing VEHICLES
-# vehicles at HZ over MQTT QoS 1 for SECONDS, fleetpipe's resident memory sampled every 10 s.
-# Flat RSS = the second half's samples stay within a few percent of each other.
+# Steady-load soak: `fleetpipe simulate` publishing VEHICLES vehicles at HZ over MQTT QoS 1 for
+# SECONDS through our own Mosquitto (unlimited queues, no persistence) into fleetpipe, whose
+# resident memory is sampled every 10 s. Flat RSS = the second half's samples stay within a few
+# percent of each other. EMBEDDED=1 uses fleetpipe's embedded broker instead, whose per-topic
+# buffer (mqtt.embedded_topic_buffer_kib) then counts in fleetpipe's RSS.
 #   load-tests/soak.sh [SECONDS] [VEHICLES] [HZ]       (defaults 300, 1000, 10)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,10 +14,20 @@ BIN="$CARGO_TARGET_DIR/release/fleetpipe"
 WORK="$(mktemp -d)"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 MQTT="$(free_port)"; HTTP="$(free_port)"
-FLEETPIPE_DATA_DIR="$WORK/data" FLEETPIPE_MQTT_LISTEN="127.0.0.1:$MQTT" FLEETPIPE_HTTP_ADDR="127.0.0.1:$HTTP" RUST_LOG=warn "$BIN" run & FP=$!
-trap 'kill $FP 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill $p 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
+export FLEETPIPE_DATA_DIR="$WORK/data" FLEETPIPE_HTTP_ADDR="127.0.0.1:$HTTP" FLEETPIPE_MQTT_CLIENT_ID="fleetpipe-soak-$$"
+if [ "${EMBEDDED:-0}" = 1 ]; then
+  export FLEETPIPE_MQTT_LISTEN="127.0.0.1:$MQTT"
+else
+  printf 'listener %s 127.0.0.1\nuser root\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_dest none\n' "$MQTT" > "$WORK/mosquitto.conf"
+  "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$WORK/mosquitto.conf" & PIDS+=($!)
+  sleep 0.5
+  export FLEETPIPE_MQTT_URL="mqtt://127.0.0.1:$MQTT"
+fi
+RUST_LOG=warn "$BIN" run & FP=$!; PIDS+=($FP)
 for _ in $(seq 1 500); do curl -sf "http://127.0.0.1:$HTTP/ready" >/dev/null 2>&1 && break; sleep 0.02; done
-"$BIN" simulate --vehicles "$VEHICLES" --hz "$HZ" --duration "$SECONDS_TOTAL" --target "mqtt://127.0.0.1:$MQTT" > "$WORK/sim.out" 2>/dev/null & SIM=$!
+env -u FLEETPIPE_MQTT_URL "$BIN" simulate --vehicles "$VEHICLES" --hz "$HZ" --duration "$SECONDS_TOTAL" --target "mqtt://127.0.0.1:$MQTT" > "$WORK/sim.out" 2>/dev/null & SIM=$!
 echo "soak: $VEHICLES vehicles x $HZ Hz for $SECONDS_TOTAL s, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores"
 printf '%8s %10s %14s\n' t_s rss_mib frames_durable
 samples=()

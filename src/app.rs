@@ -103,6 +103,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
                 listen_v5: cfg.mqtt.listen_v5,
                 max_payload_bytes: cfg.mqtt.max_packet_bytes,
                 max_inflight: usize::from(cfg.mqtt.receive_maximum),
+                topic_buffer_bytes: cfg.mqtt.embedded_topic_buffer_kib.saturating_mul(1024),
             })?;
             let l = cfg.mqtt.listen;
             let host = if l.ip().is_unspecified() { "127.0.0.1".to_string() } else { l.ip().to_string() };

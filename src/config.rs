@@ -85,6 +85,9 @@ pub struct MqttSection {
     pub session_expiry_secs: u64,
     pub max_packet_bytes: usize,
     pub batch_messages: usize,
+    /// Memory the embedded broker keeps per topic (also how far behind on one topic fleetpipe
+    /// may fall before that broker drops the oldest messages).
+    pub embedded_topic_buffer_kib: usize,
 }
 
 impl Default for MqttSection {
@@ -105,6 +108,7 @@ impl Default for MqttSection {
             session_expiry_secs: 7 * 24 * 3600,
             max_packet_bytes: (16 << 20) + 65_536,
             batch_messages: 1024,
+            embedded_topic_buffer_kib: 1024,
         }
     }
 }

@@ -29,6 +29,10 @@ pub enum BrokerError {
     Start(String),
 }
 
+/// rumqttd keeps every topic's messages in an in-memory log of this many segments and drops the
+/// oldest segment when a new one starts: see [`BrokerConfig::topic_buffer_bytes`].
+const TOPIC_SEGMENTS: usize = 4;
+
 /// Settings of the embedded broker.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -39,6 +43,12 @@ pub struct BrokerConfig {
     pub max_payload_bytes: usize,
     /// Unacknowledged QoS 1 messages per connection.
     pub max_inflight: usize,
+    /// Memory kept per topic. rumqttd keeps every topic's messages in memory, most recent
+    /// last, up to this size: it bounds the broker's memory (topics × this) and is also how far
+    /// fleetpipe's own subscriber may fall behind on one topic before the broker drops the
+    /// oldest messages, as Mosquitto's queue limit would. Large fleets and long outages want an
+    /// external broker with persistence.
+    pub topic_buffer_bytes: usize,
 }
 
 /// Starts the broker on its own threads. Returns once its listeners are bound.
@@ -64,16 +74,18 @@ next_connection_delay_ms = 0
             inflight = cfg.max_inflight,
         )
     };
-    let mut text = String::from(
+    let mut text = format!(
         r#"
 id = 0
 [router]
 id = 0
 max_connections = 10010
 max_outgoing_packet_count = 4096
-max_segment_size = 104857600
-max_segment_count = 10
+max_segment_size = {segment}
+max_segment_count = {segments}
 "#,
+        segment = (cfg.topic_buffer_bytes / TOPIC_SEGMENTS).max(1024),
+        segments = TOPIC_SEGMENTS,
     );
     text.push_str(&server("v4", cfg.listen));
     if let Some(v5) = cfg.listen_v5 {
