@@ -136,7 +136,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         shards,
         queue_batches: cfg.pipeline.queue_batches,
         intake_entries: cfg.pipeline.intake_entries,
-        dedup_window: cfg.pipeline.dedup_window,
+        dedup_frames: cfg.pipeline.dedup_frames,
         group_entries: cfg.wal.group_entries,
         wal: WalConfig {
             dir: cfg.data_dir.join("_fleetpipe").join("wal"),

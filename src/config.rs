@@ -139,13 +139,14 @@ pub struct PipelineSection {
     pub queue_batches: usize,
     /// Capacity of the intake in front of the log, in entries.
     pub intake_entries: usize,
-    /// Frames remembered per vehicle for de-duplication.
-    pub dedup_window: usize,
+    /// Recent frames remembered for de-duplication (all vehicles, all shards): about 40 bytes
+    /// each, a fixed memory cost.
+    pub dedup_frames: usize,
 }
 
 impl Default for PipelineSection {
     fn default() -> Self {
-        PipelineSection { shards: 0, queue_batches: 64, intake_entries: 256, dedup_window: 4096 }
+        PipelineSection { shards: 0, queue_batches: 64, intake_entries: 256, dedup_frames: 1 << 20 }
     }
 }
 

@@ -41,7 +41,8 @@ pub struct PipelineConfig {
     pub shards: usize,
     pub queue_batches: usize,
     pub intake_entries: usize,
-    pub dedup_window: usize,
+    /// Recent frames remembered for de-duplication, over all shards.
+    pub dedup_frames: usize,
     pub group_entries: usize,
     pub wal: WalConfig,
     pub sink_tick: Duration,
@@ -108,7 +109,7 @@ impl Pipeline {
             let (tx, rx) = bounded::<ShardBatch>(q);
             let out = out_tx.clone();
             let latest = latest.clone();
-            let window = cfg.dedup_window;
+            let window = (cfg.dedup_frames / shards).max(1);
             shard_joins.push(
                 std::thread::Builder::new()
                     .name(format!("shard-{i}"))

@@ -113,7 +113,7 @@ fn benches(c: &mut Criterion) {
     g.bench_function("dedup_latest", |b| {
         let latest = LatestCache::new(1_000_000, Duration::from_secs(3600));
         b.iter_batched(
-            || (frames.clone(), Dedup::new(4096)),
+            || (frames.clone(), Dedup::new(1 << 20)),
             |(mut batch, mut dedup)| {
                 dedup.retain_new(&mut batch);
                 latest.apply(&batch);

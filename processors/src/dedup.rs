@@ -1,88 +1,85 @@
-//! De-duplication by frame identity over a bounded window per vehicle.
+//! De-duplication by frame identity over a bounded window of recent frames.
 //!
 //! The contract identifies a frame by `(vehicle_id, kind, ts, seq)`; the same frame delivered
-//! twice (an MQTT redelivery, a replayed file) is stored once. Each vehicle keeps the
-//! fingerprints of its last `window` frames; a frame whose fingerprint is in its vehicle's window
-//! is a duplicate. The window bounds memory per vehicle; redeliveries older than the window fall
-//! through to the sinks' own idempotency (Postgres' unique index).
+//! twice (an MQTT redelivery after a reconnect or a crash, a replayed file) is stored once and
+//! still counts as accepted. A shard remembers the 128-bit fingerprints of its last `capacity`
+//! frames, whichever their vehicle: memory is fixed by configuration (about 40 bytes a frame),
+//! not by the number of vehicles, and the window covers any redelivery of the broker's in-flight
+//! window many times over. A redelivery older than the window falls through to the sinks' own
+//! idempotency (Postgres' unique index).
 //!
 //! A `Dedup` belongs to one shard: frames are sharded by vehicle, so no lock is needed.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 
-use crate::frame::{Frame, Kind};
+use crate::frame::Frame;
 
-/// A hasher for values that already are well-mixed 64-bit fingerprints.
+/// A hasher for values that already are well-mixed fingerprints.
 #[derive(Default)]
-struct IdentityHasher(u64);
+struct PassThrough(u64);
 
-impl Hasher for IdentityHasher {
+impl Hasher for PassThrough {
     fn finish(&self) -> u64 {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
-            self.0 = (self.0 << 8) | u64::from(*b);
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
         }
     }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
     }
 }
 
-type FingerprintSet = HashSet<u64, BuildHasherDefault<IdentityHasher>>;
-
-#[derive(Default)]
-struct VehicleWindow {
-    /// Fingerprints in arrival order, oldest first: the eviction order.
-    order: VecDeque<u64>,
-    set: FingerprintSet,
-}
-
-/// Per-shard duplicate filter.
-pub struct Dedup {
-    window: usize,
-    vehicles: HashMap<String, VehicleWindow>,
-}
-
-/// A 64-bit fingerprint of `(kind, ts, seq)` (the vehicle is the map key).
-fn fingerprint(kind: Kind, ts: i64, seq: u64) -> u64 {
-    // splitmix64 over the packed identity: cheap, well mixed, no allocation.
-    let mut x = (ts as u64)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(seq.rotate_left(29))
-        .wrapping_add(kind as u64);
+fn mix(mut x: u64) -> u64 {
+    // splitmix64's finaliser.
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
 }
 
+/// A 128-bit fingerprint of the frame identity: collisions (a false "duplicate") are out of
+/// reach in practice, unlike with 64 bits at billions of frames.
+fn fingerprint(f: &Frame) -> u128 {
+    let mut h = DefaultHasher::new();
+    f.vehicle_id.hash(&mut h);
+    let v = h.finish();
+    let kind = f.kind() as u64;
+    let hi = mix(v ^ mix((f.ts as u64) ^ kind.rotate_left(61)));
+    let lo = mix(v.rotate_left(32) ^ mix(f.seq ^ 0x9E37_79B9_7F4A_7C15) ^ (f.ts as u64).rotate_left(17));
+    (u128::from(hi) << 64) | u128::from(lo)
+}
+
+/// Per-shard duplicate filter over the last `capacity` frames.
+pub struct Dedup {
+    capacity: usize,
+    /// Fingerprints in arrival order, oldest first: the eviction order.
+    order: VecDeque<u128>,
+    seen: HashSet<u128, BuildHasherDefault<PassThrough>>,
+}
+
 impl Dedup {
-    /// `window`: how many recent frames per vehicle are remembered (at least 1).
-    pub fn new(window: usize) -> Self {
-        Dedup { window: window.max(1), vehicles: HashMap::new() }
+    /// `capacity`: how many recent frames are remembered (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        Dedup { capacity: capacity.max(1), order: VecDeque::new(), seen: HashSet::default() }
     }
 
     /// Drops the frames already seen (in the window or earlier in this batch), keeping order.
     /// Returns how many were dropped.
     pub fn retain_new(&mut self, frames: &mut Vec<Frame>) -> usize {
         let before = frames.len();
-        let window = self.window;
-        let vehicles = &mut self.vehicles;
         frames.retain(|f| {
-            let fp = fingerprint(f.kind(), f.ts, f.seq);
-            let w = match vehicles.get_mut(f.vehicle_id.as_str()) {
-                Some(w) => w,
-                None => vehicles.entry(f.vehicle_id.clone()).or_default(),
-            };
-            if !w.set.insert(fp) {
+            let fp = fingerprint(f);
+            if !self.seen.insert(fp) {
                 return false;
             }
-            w.order.push_back(fp);
-            if w.order.len() > window {
-                if let Some(old) = w.order.pop_front() {
-                    w.set.remove(&old);
+            self.order.push_back(fp);
+            if self.order.len() > self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.seen.remove(&old);
                 }
             }
             true
@@ -90,9 +87,13 @@ impl Dedup {
         before - frames.len()
     }
 
-    /// Vehicles currently tracked.
-    pub fn vehicles(&self) -> usize {
-        self.vehicles.len()
+    /// Frames currently remembered.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
     }
 }
 
@@ -123,21 +124,23 @@ mod tests {
     }
 
     #[test]
-    fn frames_older_than_the_window_are_forgotten() {
+    fn frames_older_than_the_window_are_forgotten_and_memory_stays_at_capacity() {
         let mut d = Dedup::new(2);
-        let mut a = vec![frame("a", 1, 0), frame("a", 2, 0), frame("a", 3, 0)];
+        let mut a = vec![frame("a", 1, 0), frame("b", 2, 0), frame("a", 3, 0)];
         assert_eq!(d.retain_new(&mut a), 0);
+        assert_eq!(d.len(), 2);
         let mut again = vec![frame("a", 1, 0), frame("a", 3, 0)];
         assert_eq!(d.retain_new(&mut again), 1);
         assert_eq!(again, vec![frame("a", 1, 0)]);
+        assert_eq!(d.len(), 2);
     }
 
     #[test]
-    fn same_ts_and_seq_of_another_kind_is_not_a_duplicate() {
+    fn same_ts_and_seq_of_another_kind_or_vehicle_is_not_a_duplicate() {
         let mut d = Dedup::new(8);
         let mut diag = frame("a", 1, 1);
         diag.body = Body::Diagnostic(Box::default());
-        let mut a = vec![frame("a", 1, 1), diag];
+        let mut a = vec![frame("a", 1, 1), diag, frame("b", 1, 1)];
         assert_eq!(d.retain_new(&mut a), 0);
     }
 }
