@@ -5,7 +5,10 @@
 #               commits to Parquet, from the same publisher and the same frames
 # for QoS 0 and QoS 1, and prints both and the ratio, plus fleetpipe's peak RSS.
 #
-#   load-tests/mqtt_ratio.sh [FRAMES] [VEHICLES]      (defaults 200000 and 1000)
+#   load-tests/mqtt_ratio.sh [FRAMES] [VEHICLES] [ROUNDS]   (defaults 300000, 1000, 3)
+#
+# Each round measures the bare subscriber and fleetpipe back to back; the table shows every
+# round and the median of the rounds (these machines are noisy: compare within a round).
 #
 # Broker settings (stated, identical for both): our own Mosquitto on a free port, no
 # persistence, max_queued_messages 0 and max_inflight_messages 0 (unlimited), so neither side
@@ -14,9 +17,11 @@
 # bare subscriber connect with MQTT 5 and a Receive Maximum of 65,535.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FRAMES="${1:-200000}"
+FRAMES="${1:-300000}"
 VEHICLES="${2:-1000}"
+ROUNDS="${3:-3}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
+export RUST_BACKTRACE=0
 cargo build --release -q -p fleetpipe -p fleetpipe-load
 BIN="$CARGO_TARGET_DIR/release"
 WORK="$(mktemp -d)"
@@ -55,15 +60,17 @@ bare() {
 
 # Prints "durable_seconds parquet_seconds peak_rss_mib" of a fleetpipe run.
 fleet() {
-  local qos=$1 http; http="$(free_port)"
-  local data="$WORK/data.$qos"
+  local qos=$1 round=$2 http; http="$(free_port)"
+  # A fresh data directory and session per run: the same frames again would (rightly) be
+  # recognised as duplicates of the previous run's.
+  local data="$WORK/data.$round.$qos"
   cat > "$WORK/fleetpipe.$qos.toml" <<CONF
 data_dir = "$data"
 [http]
 addr = "127.0.0.1:$http"
 [mqtt]
 url = "mqtt://127.0.0.1:$MQTT_PORT"
-client_id = "fleetpipe-bench-$qos-$$"
+client_id = "fleetpipe-bench-$round-$qos-$$"
 qos = $qos
 [parquet]
 roll_secs = 1.0
@@ -83,14 +90,30 @@ CONF
   python3 -c "print(f'{$durable - $start:.3f} {$parquet - $start:.3f} $rss')"
 }
 
-printf '\nfleetpipe MQTT end to end: %s frames, %s vehicles, %s, %s cores\n' "$FRAMES" "$VEHICLES" "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)"
-printf '%-6s %14s %18s %18s %8s %8s %9s\n' qos 'bare frames/s' 'durable frames/s' 'parquet frames/s' ratio ratio_pq 'rss MiB'
-for qos in 0 1; do
-  b=$(bare "$qos")
-  read -r d p rss < <(fleet "$qos")
-  python3 - "$qos" "$b" "$d" "$p" "$rss" "$FRAMES" <<'PY'
+printf '\nfleetpipe MQTT end to end: %s frames, %s vehicles, %s rounds, %s, %s cores\n' "$FRAMES" "$VEHICLES" "$ROUNDS" "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)"
+printf '%-8s %-6s %14s %18s %18s %8s %8s %9s\n' round qos 'bare frames/s' 'durable frames/s' 'parquet frames/s' ratio ratio_pq 'rss MiB'
+: > "$WORK/rows"
+for round in $(seq 1 "$ROUNDS"); do
+  for qos in 0 1; do
+    b=$(bare "$qos")
+    read -r d p rss < <(fleet "$qos" "$round")
+    echo "$round $qos $b $d $p $rss" >> "$WORK/rows"
+    python3 - "$round" "$qos" "$b" "$d" "$p" "$rss" "$FRAMES" <<'PY'
 import sys
-qos, b, d, p, rss, n = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5], int(sys.argv[6])
-print(f"{qos:<6} {n/b:14.0f} {n/d:18.0f} {n/p:18.0f} {b/d:8.2f} {b/p:8.2f} {rss:>9}")
+r, qos, b, d, p, rss, n = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6], int(sys.argv[7])
+print(f"{r:<8} {qos:<6} {n/b:14.0f} {n/d:18.0f} {n/p:18.0f} {b/d:8.2f} {b/p:8.2f} {rss:>9}")
 PY
+  done
 done
+python3 - "$WORK/rows" "$FRAMES" <<'PY'
+import sys, statistics
+n = int(sys.argv[2])
+rows = [l.split() for l in open(sys.argv[1])]
+for qos in ("0", "1"):
+    rs = [r for r in rows if r[1] == qos]
+    med = lambda xs: statistics.median(xs)
+    b = med([n / float(r[2]) for r in rs]); d = med([n / float(r[3]) for r in rs]); p = med([n / float(r[4]) for r in rs])
+    ratio = med([float(r[2]) / float(r[3]) for r in rs]); ratio_pq = med([float(r[2]) / float(r[4]) for r in rs])
+    rss = max(int(r[5]) for r in rs)
+    print(f"{'median':<8} {qos:<6} {b:14.0f} {d:18.0f} {p:18.0f} {ratio:8.2f} {ratio_pq:8.2f} {rss:>9}")
+PY

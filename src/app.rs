@@ -138,6 +138,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         intake_entries: cfg.pipeline.intake_entries,
         dedup_frames: cfg.pipeline.dedup_frames,
         group_entries: cfg.wal.group_entries,
+        group_linger: Duration::from_secs_f64(cfg.wal.group_linger_ms.max(0.0) / 1000.0),
         wal: WalConfig {
             dir: cfg.data_dir.join("_fleetpipe").join("wal"),
             segment_bytes: cfg.wal.segment_mib << 20,

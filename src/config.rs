@@ -158,11 +158,14 @@ pub struct WalSection {
     pub max_mib: u64,
     /// Most entries in one group commit (one fsync).
     pub group_entries: usize,
+    /// How long a group commit waits for more entries after the first (milliseconds): fewer,
+    /// larger fsyncs and batches, for that much more time-to-ack.
+    pub group_linger_ms: f64,
 }
 
 impl Default for WalSection {
     fn default() -> Self {
-        WalSection { segment_mib: 64, max_mib: 2048, group_entries: 512 }
+        WalSection { segment_mib: 64, max_mib: 2048, group_entries: 512, group_linger_ms: 2.0 }
     }
 }
 

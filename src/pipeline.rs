@@ -44,6 +44,9 @@ pub struct PipelineConfig {
     /// Recent frames remembered for de-duplication, over all shards.
     pub dedup_frames: usize,
     pub group_entries: usize,
+    /// How long a group commit waits for more entries after the first: fewer, larger fsyncs
+    /// and batches downstream, for that much more time-to-ack.
+    pub group_linger: Duration,
     pub wal: WalConfig,
     pub sink_tick: Duration,
 }
@@ -122,13 +125,14 @@ impl Pipeline {
 
         let (intake, intake_rx) = mpsc::channel::<Submission>(cfg.intake_entries.max(1));
         let group_entries = cfg.group_entries.max(1);
+        let linger = cfg.group_linger;
         let writer = std::thread::Builder::new()
             .name("wal-writer".into())
             .spawn(move || {
                 let mut w =
                     Writer { wal, shard_txs, durables, next_group: 0, capacity: intake_rx.max_capacity() };
                 w.replay()?;
-                w.run(intake_rx, group_entries)
+                w.run(intake_rx, group_entries, linger)
             })
             .context("spawning the log writer")?;
         Ok(Pipeline { intake, writer, shards: shard_joins, reseq, sinks: handles })
@@ -194,7 +198,12 @@ impl Writer {
         Ok(())
     }
 
-    fn run(&mut self, mut rx: mpsc::Receiver<Submission>, group_entries: usize) -> anyhow::Result<()> {
+    fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<Submission>,
+        group_entries: usize,
+        linger: Duration,
+    ) -> anyhow::Result<()> {
         let mut batch: Vec<Submission> = Vec::with_capacity(group_entries);
         loop {
             // Bounded disk: wait for sinks to release segments before taking more.
@@ -208,6 +217,15 @@ impl Writer {
             batch.clear();
             if rx.blocking_recv_many(&mut batch, group_entries) == 0 {
                 break;
+            }
+            if !linger.is_zero() && batch.len() < group_entries {
+                std::thread::sleep(linger);
+                while batch.len() < group_entries {
+                    match rx.try_recv() {
+                        Ok(s) => batch.push(s),
+                        Err(_) => break,
+                    }
+                }
             }
             metrics::gauge!("fleetpipe_queue_depth", "stage" => "intake")
                 .set((rx.len() + batch.len()) as f64);

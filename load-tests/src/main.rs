@@ -115,6 +115,8 @@ async fn publish(host: String, port: u16, frames: u64, vehicles: u64, q: u8) -> 
                 }
                 Ok(_) => {}
                 Err(rumqttc::ConnectionError::RequestsDone) => return,
+                // After the last ack the connection's end is expected, not worth a line.
+                Err(_) if done_tx.is_none() => return,
                 Err(e) => {
                     eprintln!("publisher connection error: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
