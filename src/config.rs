@@ -260,6 +260,16 @@ impl Config {
         if let Some(v) = get("FLEETPIPE_MQTT_CLIENT_ID") {
             self.mqtt.client_id = Some(v);
         }
+        // Credentials from the environment (e.g. a Kubernetes Secret), not only the file.
+        if let Some(v) = get("FLEETPIPE_MQTT_USERNAME") {
+            self.mqtt.username = Some(v);
+        }
+        if let Some(v) = get("FLEETPIPE_MQTT_PASSWORD") {
+            self.mqtt.password = Some(v);
+        }
+        if let Some(v) = get("FLEETPIPE_HTTP_AUTH_TOKEN").filter(|v| !v.is_empty()) {
+            self.http.auth_token = Some(v);
+        }
         for k in NOT_YET {
             if get(k).is_some_and(|v| !v.is_empty()) {
                 bail!("{k} is set, but this build of fleetpipe has no such sink or source yet; unset it");

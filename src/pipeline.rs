@@ -359,6 +359,8 @@ fn resequence(rx: Receiver<ShardBatch>, shards: usize, sinks: Vec<(Sender<Arc<Si
             }
         }
         metrics::gauge!("fleetpipe_queue_depth", "stage" => "resequencer").set(rx.len() as f64);
+        metrics::gauge!("fleetpipe_queue_capacity", "stage" => "resequencer")
+            .set(rx.capacity().unwrap_or(0) as f64);
     }
 }
 
