@@ -210,6 +210,17 @@ impl Writer {
             self.release()?;
             while self.wal.is_full() {
                 metrics::gauge!("fleetpipe_wal_full").set(1.0);
+                if rx.is_closed() {
+                    // Draining with a full log: what is still queued cannot be made durable.
+                    // Its sources learn so (MQTT withholds the acks, HTTP answers 503).
+                    while let Ok(s) = rx.try_recv() {
+                        if let Some(done) = s.done {
+                            done(Err(NotDurable::ShuttingDown));
+                        }
+                    }
+                    tracing::warn!("write-ahead log full while draining; queued entries refused");
+                    return Ok(());
+                }
                 std::thread::sleep(Duration::from_millis(20));
                 self.release()?;
             }
