@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Installs (Debian packages) what fleetpipe's tests need, reuses what is already there, and runs
-# the whole test suite. Tests start their own brokers on free ports and leave nothing behind.
+# Installs (Debian packages) what fleetpipe's tests need, reuses what is already running, and
+# runs the whole test suite: Mosquitto (tests start their own brokers on free ports), PostgreSQL
+# on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (tests use their own schemas and key prefixes).
+# Tests leave nothing behind.
 #   ./scripts/test.sh            # everything
 #   ./scripts/test.sh crash      # extra arguments go to `cargo test`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 need_pkgs=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_pkgs+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need_pkgs+=(mosquitto-clients)
@@ -14,10 +17,32 @@ command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
 fi
+port_open() { (echo > "/dev/tcp/127.0.0.1/$1") >/dev/null 2>&1; }
+wait_port() { for _ in $(seq 1 150); do port_open "$1" && return 0; sleep 0.2; done; echo "nothing on port $1" >&2; return 1; }
+
+# PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth for local TCP): reuse, else install/start.
+if ! port_open 5432; then
+  if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    echo "installing postgresql"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql
+  fi
+  ver=$(ls /etc/postgresql | sort -V | tail -1)
+  hba="/etc/postgresql/$ver/main/pg_hba.conf"
+  # The tests connect as postgres over TCP without a password, as on the development machines.
+  grep -q "fleetpipe tests" "$hba" || $SUDO sed -i "1i # fleetpipe tests: trust local TCP\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust" "$hba"
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$ver" main start || $SUDO pg_ctlcluster "$ver" main start
+  wait_port 5432
+fi
+# Redis on 127.0.0.1:6379: reuse, else install/start (nothing kept on disk).
+if ! port_open 6379; then
+  command -v redis-server >/dev/null 2>&1 || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server; }
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  wait_port 6379
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust (https://rustup.rs) first" >&2
   exit 1
