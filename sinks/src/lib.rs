@@ -12,6 +12,8 @@
 pub mod dead_letter;
 pub mod driver;
 pub mod parquet;
+pub mod postgres;
+pub mod redis_l2;
 pub mod rolling;
 pub mod wal;
 
@@ -56,16 +58,29 @@ pub enum SinkError {
          reopen it so that the WAL replays everything after lsn {durable}"
     )]
     Poisoned { sink: &'static str, durable: Lsn, detail: String },
+    /// Redis (the L2 cache) failed or returned what fleetpipe cannot read. The L2 sink never
+    /// returns it from `write`; the L2 reader does.
+    #[error("redis: {0}")]
+    Redis(String),
     /// The sink's thread could not be started or panicked.
     #[error("{sink} sink thread: {detail}")]
     Thread { sink: &'static str, detail: String },
+    /// A Postgres call failed in a way a retry can fix: the connection was refused or lost, the
+    /// server is shutting down or out of resources, a lock or serialization conflict. The sink
+    /// reconnects on its next call.
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// A Postgres error that retrying the same call cannot fix: an invalid schema name, a
+    /// missing table, permission denied, failed authentication.
+    #[error("postgres, not retryable: {0}")]
+    PostgresFatal(String),
 }
 
 impl SinkError {
-    /// Whether retrying the failed call can succeed. `false` for [`SinkError::Poisoned`] and
-    /// [`SinkError::Thread`].
+    /// Whether retrying the failed call can succeed. `false` for [`SinkError::Poisoned`],
+    /// [`SinkError::Thread`] and [`SinkError::PostgresFatal`].
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, SinkError::Poisoned { .. } | SinkError::Thread { .. })
+        !matches!(self, SinkError::Poisoned { .. } | SinkError::Thread { .. } | SinkError::PostgresFatal(_))
     }
 }
 
