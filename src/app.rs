@@ -17,6 +17,8 @@ use fleetpipe_processors::latest::LatestCache;
 use fleetpipe_processors::validate::Rules;
 use fleetpipe_sinks::dead_letter::{DeadLetterConfig, DeadLetterSink};
 use fleetpipe_sinks::parquet::{ParquetConfig, ParquetSink};
+use fleetpipe_sinks::postgres::{PostgresConfig, PostgresReader, PostgresSink};
+use fleetpipe_sinks::redis_l2::{RedisConfig, RedisL2Reader, RedisL2Sink};
 use fleetpipe_sinks::wal::WalConfig;
 use fleetpipe_sinks::Sink;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -126,6 +128,29 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     dl_cfg.roll_after = Duration::from_secs_f64(cfg.dead_letter.roll_secs);
     let dl = DeadLetterSink::open(dl_cfg).context("opening the dead-letter store")?;
     sinks.push(Box::new(dl));
+    let mut store = None;
+    if let Some(url) = &cfg.postgres.url {
+        let mut pg = PostgresConfig::new(url.clone(), cfg.data_dir.join("dead-letter"));
+        pg.schema = cfg.postgres.schema.clone();
+        pg.partitions_ahead_days = cfg.postgres.partitions_ahead_days;
+        pg.retention_days = cfg.postgres.retention_days;
+        let sink = tokio::task::spawn_blocking(move || PostgresSink::open(pg))
+            .await?
+            .context("opening the Postgres sink")?;
+        sinks.push(Box::new(sink));
+        store = Some(PostgresReader::new(url, &cfg.postgres.schema)?);
+    }
+    let mut l2 = None;
+    if let Some(url) = &cfg.redis.url {
+        let mut rc = RedisConfig::new(url.clone());
+        rc.prefix = cfg.redis.prefix.clone();
+        rc.ttl = Duration::from_secs(cfg.redis.ttl_secs.max(1));
+        l2 = Some(RedisL2Reader::open(&rc)?);
+        let sink = tokio::task::spawn_blocking(move || RedisL2Sink::open(rc))
+            .await?
+            .context("opening the Redis L2 sink")?;
+        sinks.push(Box::new(sink));
+    }
 
     let shards = if cfg.pipeline.shards == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -178,7 +203,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let state = ApiState {
         intake,
         rules,
-        latest: latest.clone(),
+        reads: Arc::new(crate::read::Tiers { l1: latest.clone(), l2, store }),
         max_body_bytes: cfg.http.max_body_bytes,
         auth_token: cfg.http.auth_token.as_deref().map(Arc::from),
         render_metrics: Arc::new(move || handle.render()),

@@ -21,6 +21,8 @@ pub struct Config {
     pub cache: CacheConfig,
     pub parquet: ParquetSection,
     pub dead_letter: DeadLetterSection,
+    pub postgres: PostgresSection,
+    pub redis: RedisSection,
 }
 
 impl Default for Config {
@@ -35,6 +37,8 @@ impl Default for Config {
             cache: CacheConfig::default(),
             parquet: ParquetSection::default(),
             dead_letter: DeadLetterSection::default(),
+            postgres: PostgresSection::default(),
+            redis: RedisSection::default(),
         }
     }
 }
@@ -217,9 +221,41 @@ impl Default for DeadLetterSection {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresSection {
+    /// `postgres://user:pass@host:5432/db`. Unset: no Postgres history.
+    pub url: Option<String>,
+    pub schema: String,
+    /// Day partitions created ahead of time.
+    pub partitions_ahead_days: u32,
+    /// Partitions older than this many days are dropped; none by default.
+    pub retention_days: Option<u32>,
+}
+
+impl Default for PostgresSection {
+    fn default() -> Self {
+        PostgresSection { url: None, schema: "public".into(), partitions_ahead_days: 3, retention_days: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSection {
+    /// `redis://host:6379`. Unset: no L2.
+    pub url: Option<String>,
+    pub prefix: String,
+    pub ttl_secs: u64,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        RedisSection { url: None, prefix: "fleetpipe:".into(), ttl_secs: 24 * 3600 }
+    }
+}
+
 /// The variables that switch on services this build does not have yet.
-const NOT_YET: [&str; 4] =
-    ["FLEETPIPE_POSTGRES_URL", "FLEETPIPE_REDIS_URL", "FLEETPIPE_KAFKA_BROKERS", "FLEETPIPE_KAFKA_TOPIC"];
+const NOT_YET: [&str; 2] = ["FLEETPIPE_KAFKA_BROKERS", "FLEETPIPE_KAFKA_TOPIC"];
 
 impl Config {
     /// Reads the file (`--config`, else `FLEETPIPE_CONFIG`, else none), then the environment.
@@ -269,6 +305,12 @@ impl Config {
         }
         if let Some(v) = get("FLEETPIPE_HTTP_AUTH_TOKEN").filter(|v| !v.is_empty()) {
             self.http.auth_token = Some(v);
+        }
+        if let Some(v) = get("FLEETPIPE_POSTGRES_URL").filter(|v| !v.is_empty()) {
+            self.postgres.url = Some(v);
+        }
+        if let Some(v) = get("FLEETPIPE_REDIS_URL").filter(|v| !v.is_empty()) {
+            self.redis.url = Some(v);
         }
         for k in NOT_YET {
             if get(k).is_some_and(|v| !v.is_empty()) {

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod config;
 pub mod pipeline;
+pub mod read;
 pub mod record;
 pub mod sim;
 

@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use fleetpipe_processors::codec::{decode_message, frame_to_value, Message};
 use fleetpipe_processors::latest::{LatestCache, VehicleState};
 use fleetpipe_processors::validate::Rules;
-use fleetpipe_processors::{Decoded, Origin};
+use fleetpipe_processors::{Decoded, Frame, Micros, Origin};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -28,12 +28,85 @@ use crate::{now_micros, Entry, Intake, NotDurable, Submission};
 /// Bodies larger than this are decoded off the async workers.
 const INLINE_DECODE_BYTES: usize = 64 * 1024;
 
+/// Latest state and the tier that served it (`l1`, `l2`, `postgres`).
+pub type Found = (Arc<VehicleState>, &'static str);
+/// A vehicle's latest state and its distance in metres.
+pub type Nearby = (Arc<VehicleState>, f64);
+
+/// A future the read path returns (boxed: the trait is used as an object).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Where latest state and history are read from: L1 alone, or L1 → L2 → Postgres. The binary
+/// provides the tiers it has; this crate knows none of their technologies.
+pub trait ReadPath: Send + Sync {
+    /// Latest state and the tier that served it (`l1`, `l2`, `postgres`), `None` if unknown.
+    fn vehicle<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Found>, String>>;
+    /// Vehicles whose latest location is within `radius_m`, nearest first, with the distance.
+    fn near(
+        &self,
+        lat: f64,
+        lon: f64,
+        radius_m: f64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Nearby>, String>>;
+    /// Location history in time order; `None` when no history store is configured.
+    fn track<'a>(
+        &'a self,
+        id: &'a str,
+        from: Micros,
+        to: Micros,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Option<Vec<Frame>>, String>>;
+}
+
+/// The read path of an instance with only its L1 cache.
+pub struct L1Only(pub LatestCache);
+
+impl ReadPath for L1Only {
+    fn vehicle<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Found>, String>> {
+        Box::pin(async move {
+            let hit = self.0.get(id);
+            count_cache("l1", hit.is_some());
+            Ok(hit.map(|s| (s, "l1")))
+        })
+    }
+    fn near(
+        &self,
+        lat: f64,
+        lon: f64,
+        radius_m: f64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Nearby>, String>> {
+        let latest = self.0.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || latest.near(lat, lon, radius_m, limit))
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+    fn track<'a>(
+        &'a self,
+        _id: &'a str,
+        _from: Micros,
+        _to: Micros,
+        _limit: usize,
+    ) -> BoxFuture<'a, Result<Option<Vec<Frame>>, String>> {
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// Counts a lookup in `fleetpipe_cache_requests_total{tier,result}`.
+pub fn count_cache(tier: &'static str, hit: bool) {
+    metrics::counter!("fleetpipe_cache_requests_total", "tier" => tier, "result" => if hit { "hit" } else { "miss" })
+        .increment(1);
+}
+
 /// Everything the handlers need.
 #[derive(Clone)]
 pub struct ApiState {
     pub intake: Intake,
     pub rules: Arc<Rules>,
-    pub latest: LatestCache,
+    pub reads: Arc<dyn ReadPath>,
     /// Request body limit (413 past it).
     pub max_body_bytes: usize,
     /// Bearer token required on `POST /v1/frames` when set.
@@ -167,17 +240,10 @@ pub fn vehicle_json(id: &str, state: &VehicleState, served_from: &str) -> Value 
 }
 
 async fn get_vehicle(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
-    match st.latest.get(&id) {
-        Some(state) => {
-            metrics::counter!("fleetpipe_cache_requests_total", "tier" => "l1", "result" => "hit")
-                .increment(1);
-            Json(vehicle_json(&id, &state, "l1")).into_response()
-        }
-        None => {
-            metrics::counter!("fleetpipe_cache_requests_total", "tier" => "l1", "result" => "miss")
-                .increment(1);
-            error(StatusCode::NOT_FOUND, "not_found", format!("no vehicle {id}"))
-        }
+    match st.reads.vehicle(&id).await {
+        Ok(Some((state, tier))) => Json(vehicle_json(&id, &state, tier)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "not_found", format!("no vehicle {id}")),
+        Err(e) => overloaded(&format!("read path unavailable: {e}")),
     }
 }
 
@@ -204,14 +270,18 @@ async fn near_vehicles(State(st): State<ApiState>, Query(q): Query<NearQuery>) -
         return error(StatusCode::BAD_REQUEST, "bad_query", "radius_m must be a non-negative number");
     }
     let limit = q.limit.unwrap_or(100).min(10_000);
-    let latest = st.latest.clone();
-    let hits =
-        tokio::task::spawn_blocking(move || latest.near(lat, lon, radius, limit)).await.unwrap_or_default();
+    let hits = match st.reads.near(lat, lon, radius, limit).await {
+        Ok(h) => h,
+        Err(e) => return overloaded(&format!("read path unavailable: {e}")),
+    };
     let vehicles: Vec<Value> = hits
         .iter()
         .filter_map(|(state, d)| {
             let id = state.location.as_ref()?.vehicle_id.clone();
-            let mut v = vehicle_json(&id, state, "l1");
+            let mut v = vehicle_json(&id, state, "near");
+            if let Some(obj) = v.as_object_mut() {
+                obj.remove("served_from");
+            }
             v["distance_m"] = json!((d * 10.0).round() / 10.0);
             Some(v)
         })
@@ -219,12 +289,47 @@ async fn near_vehicles(State(st): State<ApiState>, Query(q): Query<NearQuery>) -
     Json(json!({"vehicles": vehicles})).into_response()
 }
 
-async fn track(Path(_id): Path<String>) -> Response {
-    error(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_configured",
-        "track history is served from Postgres; none is configured",
-    )
+#[derive(Deserialize)]
+struct TrackQuery {
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<usize>,
+}
+
+/// RFC 3339 or epoch milliseconds.
+fn parse_time(s: &str) -> Option<Micros> {
+    s.parse::<i64>()
+        .ok()
+        .map(|ms| ms.saturating_mul(1000))
+        .or_else(|| fleetpipe_processors::codec::parse_rfc3339(s))
+}
+
+async fn track(State(st): State<ApiState>, Path(id): Path<String>, Query(q): Query<TrackQuery>) -> Response {
+    let from = match q.from.as_deref().map(parse_time) {
+        None => i64::MIN / 2,
+        Some(Some(t)) => t,
+        Some(None) => {
+            return error(StatusCode::BAD_REQUEST, "bad_query", "from must be RFC 3339 or epoch ms")
+        }
+    };
+    let to = match q.to.as_deref().map(parse_time) {
+        None => i64::MAX / 2,
+        Some(Some(t)) => t,
+        Some(None) => return error(StatusCode::BAD_REQUEST, "bad_query", "to must be RFC 3339 or epoch ms"),
+    };
+    let limit = q.limit.unwrap_or(1000).min(100_000);
+    match st.reads.track(&id, from, to, limit).await {
+        Ok(Some(frames)) => {
+            let points: Vec<Value> = frames.iter().map(frame_to_value).collect();
+            Json(json!({"vehicle_id": id, "track": points})).into_response()
+        }
+        Ok(None) => error(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_configured",
+            "track history is served from Postgres; none is configured",
+        ),
+        Err(e) => overloaded(&format!("history unavailable: {e}")),
+    }
 }
 
 async fn metrics_text(State(st): State<ApiState>) -> Response {

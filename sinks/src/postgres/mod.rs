@@ -48,6 +48,7 @@
 //! batches taking the staging path (a replay) and its rate, and `fleetpipe_sink_write_seconds`.
 
 mod copy;
+mod reader;
 mod schema;
 
 use std::collections::{BTreeSet, HashSet};
@@ -63,6 +64,7 @@ use tokio::runtime::Runtime;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use self::copy::{EncodedRows, DIAGNOSTIC_COLUMNS, HEADER, LOCATION_COLUMNS, TRAILER};
+pub use self::reader::PostgresReader;
 pub use self::schema::validate_schema_name;
 use self::schema::{describe, Failure};
 use crate::rolling::{self, io_err, MICROS_PER_DAY};

@@ -1,0 +1,116 @@
+//! The latest-state read path: L1 (in-process) → L2 (Redis) → Postgres (newest row), each miss
+//! filling L1 on the way back, with `served_from` and `cache_requests_total{tier,result}`.
+//! Near queries go to Redis' geo set when L2 is configured (every instance's vehicles), else L1.
+
+use std::sync::Arc;
+
+use fleetpipe_ingest::http::{count_cache, BoxFuture, Found, Nearby, ReadPath};
+use fleetpipe_processors::latest::{LatestCache, VehicleState};
+use fleetpipe_processors::{Frame, Micros};
+use fleetpipe_sinks::postgres::PostgresReader;
+use fleetpipe_sinks::redis_l2::RedisL2Reader;
+
+pub struct Tiers {
+    pub l1: LatestCache,
+    pub l2: Option<RedisL2Reader>,
+    pub store: Option<PostgresReader>,
+}
+
+impl Tiers {
+    async fn read_l2(&self, id: &str) -> Option<VehicleState> {
+        let l2 = self.l2.clone()?;
+        let key = id.to_owned();
+        let got = tokio::task::spawn_blocking(move || l2.get(&key)).await;
+        match got {
+            Ok(Ok(Some(v))) => {
+                count_cache("l2", true);
+                Some(v.state)
+            }
+            Ok(Ok(None)) => {
+                count_cache("l2", false);
+                None
+            }
+            Ok(Err(e)) => {
+                count_cache("l2", false);
+                tracing::debug!(error = %e, "l2 read failed, falling through");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+impl ReadPath for Tiers {
+    fn vehicle<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Found>, String>> {
+        Box::pin(async move {
+            if let Some(state) = self.l1.get(id) {
+                count_cache("l1", true);
+                return Ok(Some((state, "l1")));
+            }
+            count_cache("l1", false);
+            if let Some(state) = self.read_l2(id).await {
+                self.l1.fill(id, &state);
+                return Ok(Some((Arc::new(state), "l2")));
+            }
+            let Some(store) = &self.store else { return Ok(None) };
+            match store.latest(id).await {
+                Ok(Some(state)) => {
+                    count_cache("postgres", true);
+                    self.l1.fill(id, &state);
+                    Ok(Some((Arc::new(state), "postgres")))
+                }
+                Ok(None) => {
+                    count_cache("postgres", false);
+                    Ok(None)
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+
+    fn near(
+        &self,
+        lat: f64,
+        lon: f64,
+        radius_m: f64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Nearby>, String>> {
+        Box::pin(async move {
+            let Some(l2) = self.l2.clone() else {
+                let l1 = self.l1.clone();
+                return tokio::task::spawn_blocking(move || l1.near(lat, lon, radius_m, limit))
+                    .await
+                    .map_err(|e| e.to_string());
+            };
+            let ids = tokio::task::spawn_blocking(move || l2.near(lat, lon, radius_m, limit))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let mut out = Vec::with_capacity(ids.len());
+            for (id, d) in ids {
+                let state = match self.l1.get(&id) {
+                    Some(s) => Some(s),
+                    None => self.read_l2(&id).await.map(Arc::new),
+                };
+                if let Some(s) = state {
+                    out.push((s, d));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn track<'a>(
+        &'a self,
+        id: &'a str,
+        from: Micros,
+        to: Micros,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Option<Vec<Frame>>, String>> {
+        Box::pin(async move {
+            let Some(store) = &self.store else { return Ok(None) };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            store.track(id, from, to, limit).await.map(Some).map_err(|e| e.to_string())
+        })
+    }
+}
