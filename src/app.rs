@@ -243,6 +243,7 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         let Running { stop_tx, draining, http, mqtt, pipeline, .. } = self;
         draining.store(true, Ordering::Release);
+        pipeline.begin_drain();
         let _ = stop_tx.send(true);
         if let Some(m) = mqtt {
             m.await.context("mqtt source task")??;

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -63,6 +63,7 @@ struct ShardBatch {
 /// waits for it to reach the sinks and for them to close.
 pub struct Pipeline {
     pub intake: Intake,
+    draining: Arc<AtomicBool>,
     writer: JoinHandle<anyhow::Result<()>>,
     shards: Vec<JoinHandle<()>>,
     reseq: JoinHandle<()>,
@@ -126,21 +127,35 @@ impl Pipeline {
         let (intake, intake_rx) = mpsc::channel::<Submission>(cfg.intake_entries.max(1));
         let group_entries = cfg.group_entries.max(1);
         let linger = cfg.group_linger;
+        let draining = Arc::new(AtomicBool::new(false));
+        let writer_draining = draining.clone();
         let writer = std::thread::Builder::new()
             .name("wal-writer".into())
             .spawn(move || {
-                let mut w =
-                    Writer { wal, shard_txs, durables, next_group: 0, capacity: intake_rx.max_capacity() };
+                let mut w = Writer {
+                    wal,
+                    draining: writer_draining,
+                    shard_txs,
+                    durables,
+                    next_group: 0,
+                    capacity: intake_rx.max_capacity(),
+                };
                 w.replay()?;
                 w.run(intake_rx, group_entries, linger)
             })
             .context("spawning the log writer")?;
-        Ok(Pipeline { intake, writer, shards: shard_joins, reseq, sinks: handles })
+        Ok(Pipeline { intake, draining, writer, shards: shard_joins, reseq, sinks: handles })
+    }
+
+    /// Tells the log writer the instance is draining: should the log be full, queued entries are
+    /// refused at once instead of waiting for room that may never come.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
     }
 
     /// Waits for the drain: call after every intake clone (sources, API) is dropped.
     pub fn join(self) -> anyhow::Result<()> {
-        let Pipeline { intake, writer, shards, reseq, sinks } = self;
+        let Pipeline { intake, writer, shards, reseq, sinks, .. } = self;
         drop(intake);
         let written = writer.join().map_err(|_| anyhow::anyhow!("log writer panicked"))?;
         for s in shards {
@@ -157,6 +172,8 @@ impl Pipeline {
 
 struct Writer {
     wal: Wal,
+    /// Set when the instance starts draining.
+    draining: Arc<AtomicBool>,
     shard_txs: Vec<Sender<ShardBatch>>,
     durables: Vec<Arc<AtomicU64>>,
     next_group: u64,
@@ -210,16 +227,19 @@ impl Writer {
             self.release()?;
             while self.wal.is_full() {
                 metrics::gauge!("fleetpipe_wal_full").set(1.0);
-                if rx.is_closed() {
-                    // Draining with a full log: what is still queued cannot be made durable.
-                    // Its sources learn so (MQTT withholds the acks, HTTP answers 503).
+                if self.draining.load(Ordering::Acquire) || rx.is_closed() {
+                    // Draining with a full log: what is queued cannot be made durable. Its
+                    // sources learn so at once (MQTT withholds the acks, HTTP answers 503), so
+                    // that they can finish and let go of the intake.
                     while let Ok(s) = rx.try_recv() {
                         if let Some(done) = s.done {
                             done(Err(NotDurable::ShuttingDown));
                         }
                     }
-                    tracing::warn!("write-ahead log full while draining; queued entries refused");
-                    return Ok(());
+                    if rx.is_closed() {
+                        tracing::warn!("write-ahead log full while draining; queued entries refused");
+                        return Ok(());
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(20));
                 self.release()?;
