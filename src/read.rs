@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use fleetpipe_ingest::http::{count_cache, BoxFuture, Found, Nearby, ReadPath};
+use fleetpipe_ingest::http::{count_cache, l1_near, BoxFuture, Found, Nearby, ReadPath};
 use fleetpipe_processors::latest::{LatestCache, VehicleState};
 use fleetpipe_processors::{Frame, Micros};
 use fleetpipe_sinks::postgres::PostgresReader;
@@ -77,10 +77,7 @@ impl ReadPath for Tiers {
     ) -> BoxFuture<'_, Result<Vec<Nearby>, String>> {
         Box::pin(async move {
             let Some(l2) = self.l2.clone() else {
-                let l1 = self.l1.clone();
-                return tokio::task::spawn_blocking(move || l1.near(lat, lon, radius_m, limit))
-                    .await
-                    .map_err(|e| e.to_string());
+                return l1_near(self.l1.clone(), lat, lon, radius_m, limit).await;
             };
             let ids = tokio::task::spawn_blocking(move || l2.near(lat, lon, radius_m, limit))
                 .await

@@ -77,12 +77,7 @@ impl ReadPath for L1Only {
         radius_m: f64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Nearby>, String>> {
-        let latest = self.0.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || latest.near(lat, lon, radius_m, limit))
-                .await
-                .map_err(|e| e.to_string())
-        })
+        Box::pin(l1_near(self.0.clone(), lat, lon, radius_m, limit))
     }
     fn track<'a>(
         &'a self,
@@ -93,6 +88,19 @@ impl ReadPath for L1Only {
     ) -> BoxFuture<'a, Result<Option<Vec<Frame>>, String>> {
         Box::pin(async { Ok(None) })
     }
+}
+
+/// A near query over L1 (a scan: off the async workers).
+pub async fn l1_near(
+    latest: LatestCache,
+    lat: f64,
+    lon: f64,
+    radius_m: f64,
+    limit: usize,
+) -> Result<Vec<Nearby>, String> {
+    tokio::task::spawn_blocking(move || latest.near(lat, lon, radius_m, limit))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Counts a lookup in `fleetpipe_cache_requests_total{tier,result}`.
