@@ -170,6 +170,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             max_bytes: cfg.wal.max_mib << 20,
         },
         sink_tick: Duration::from_millis(100),
+        ack_after_sinks: (cfg.pipeline.ack == crate::config::AckMode::Sinks)
+            .then(|| Duration::from_secs_f64(cfg.pipeline.ack_flush_ms.max(0.0) / 1000.0)),
     };
     let pipeline = tokio::task::spawn_blocking({
         let latest = latest.clone();

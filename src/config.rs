@@ -146,11 +146,32 @@ pub struct PipelineSection {
     /// Recent frames remembered for de-duplication (all vehicles, all shards): about 40 bytes
     /// each, a fixed memory cost.
     pub dedup_frames: usize,
+    /// When MQTT acks and HTTP 200s go out: once the entry is in fleetpipe's fsync'd log
+    /// (`log`, the default), or once every durable sink holds it as well (`sinks`).
+    pub ack: AckMode,
+    /// With `ack = "sinks"`: how often sinks that hold unflushed data are flushed (ms). Each
+    /// flush closes the open Parquet files, so shorter means faster acks and more files.
+    pub ack_flush_ms: f64,
+}
+
+/// See [`PipelineSection::ack`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    Log,
+    Sinks,
 }
 
 impl Default for PipelineSection {
     fn default() -> Self {
-        PipelineSection { shards: 0, queue_batches: 64, intake_entries: 256, dedup_frames: 1 << 20 }
+        PipelineSection {
+            shards: 0,
+            queue_batches: 64,
+            intake_entries: 256,
+            dedup_frames: 1 << 20,
+            ack: AckMode::Log,
+            ack_flush_ms: 100.0,
+        }
     }
 }
 

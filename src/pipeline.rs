@@ -12,6 +12,11 @@
 //! durable. A vehicle always maps to the same shard, so its frames keep their order and its
 //! de-duplication window and latest state need no lock.
 //!
+//! The resequencer never waits for a sink: a sink whose queue is full is skipped and later reads
+//! what it missed back from the log (see `fleetpipe_sinks::driver`), so a slow or failed sink
+//! (Postgres down) is absorbed by the log until the log is full, and only then are the sources
+//! pushed back.
+//!
 //! At start the log is replayed from its oldest retained record: shards see it all (which
 //! refills the de-duplication windows and L1), each sink only what lies past its checkpoint.
 
@@ -24,13 +29,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use crossbeam_channel::{bounded, Receiver, Sender};
-use fleetpipe_ingest::{Entry, Intake, NotDurable, Submission};
+use fleetpipe_ingest::{Completion, Entry, Intake, NotDurable, Submission};
 use fleetpipe_processors::dedup::Dedup;
 use fleetpipe_processors::latest::LatestCache;
 use fleetpipe_processors::{Frame, Kind, Lsn, Rejection};
-use fleetpipe_sinks::driver::{self, SinkHandle};
-use fleetpipe_sinks::wal::{Wal, WalConfig};
-use fleetpipe_sinks::{Sink, SinkBatch};
+use fleetpipe_sinks::driver::{self, Backlog, DriverConfig, SinkFeed, SinkHandle};
+use fleetpipe_sinks::wal::{self, Wal, WalConfig};
+use fleetpipe_sinks::{Sink, SinkBatch, SinkError};
 use tokio::sync::mpsc;
 
 use crate::record;
@@ -49,6 +54,10 @@ pub struct PipelineConfig {
     pub group_linger: Duration,
     pub wal: WalConfig,
     pub sink_tick: Duration,
+    /// `Some(flush_every)`: acknowledge an entry only once every durable sink (Parquet,
+    /// Postgres, the dead-letter store) holds it, flushing them that often; `None`: once the
+    /// log holds it.
+    pub ack_after_sinks: Option<Duration>,
 }
 
 /// A log group's share for one shard.
@@ -68,6 +77,7 @@ pub struct Pipeline {
     shards: Vec<JoinHandle<()>>,
     reseq: JoinHandle<()>,
     sinks: Vec<SinkHandle>,
+    acker: Option<JoinHandle<()>>,
 }
 
 fn shard_of(vehicle_id: &str, shards: usize) -> usize {
@@ -87,17 +97,38 @@ impl Pipeline {
         let shards = cfg.shards.max(1);
         let q = cfg.queue_batches.max(1);
 
-        // Sinks, each behind its own queue.
-        let mut sink_txs: Vec<(Sender<Arc<SinkBatch>>, Lsn)> = Vec::new();
+        // Sinks, each behind its own queue, catching up from the log when they fall behind.
+        let backlog: Arc<dyn Backlog> = Arc::new(LogBacklog {
+            dir: cfg.wal.dir.clone(),
+            dedup_frames: cfg.dedup_frames.clamp(1, CATCH_UP_DEDUP_FRAMES),
+        });
+        let mut sink_txs: Vec<(SinkFeed, Lsn)> = Vec::new();
         let mut handles = Vec::new();
         for sink in sinks {
-            let (tx, rx) = bounded(q);
             let from = sink.durable_lsn();
             tracing::info!(sink = sink.name(), durable_lsn = from, "sink opened");
-            handles.push(driver::spawn(sink, rx, cfg.sink_tick));
-            sink_txs.push((tx, from));
+            let dcfg = DriverConfig { queue: q, tick: cfg.sink_tick, flush_every: cfg.ack_after_sinks };
+            let (handle, feed) = driver::spawn(sink, dcfg, backlog.clone());
+            handles.push(handle);
+            sink_txs.push((feed, from));
         }
         let durables: Vec<Arc<AtomicU64>> = handles.iter().map(|h| h.durable.clone()).collect();
+        let (acker_tx, acker) = match cfg.ack_after_sinks {
+            None => (None, None),
+            Some(_) => {
+                let watched: Vec<_> = handles
+                    .iter()
+                    .filter(|h| h.is_durable)
+                    .map(|h| (h.durable.clone(), h.alive.clone()))
+                    .collect();
+                let (tx, rx) = bounded::<(Lsn, Completion)>(cfg.intake_entries.max(1) * 4);
+                let join = std::thread::Builder::new()
+                    .name("acker".into())
+                    .spawn(move || ack_when_stored(rx, watched))
+                    .context("spawning the acker")?;
+                (Some(tx), Some(join))
+            }
+        };
 
         // Resequencer.
         let (out_tx, out_rx) = bounded::<ShardBatch>(q * shards);
@@ -137,6 +168,7 @@ impl Pipeline {
                     draining: writer_draining,
                     shard_txs,
                     durables,
+                    acker: acker_tx,
                     next_group: 0,
                     capacity: intake_rx.max_capacity(),
                 };
@@ -144,7 +176,7 @@ impl Pipeline {
                 w.run(intake_rx, group_entries, linger)
             })
             .context("spawning the log writer")?;
-        Ok(Pipeline { intake, draining, writer, shards: shard_joins, reseq, sinks: handles })
+        Ok(Pipeline { intake, draining, writer, shards: shard_joins, reseq, sinks: handles, acker })
     }
 
     /// Tells the log writer the instance is draining: should the log be full, queued entries are
@@ -155,7 +187,7 @@ impl Pipeline {
 
     /// Waits for the drain: call after every intake clone (sources, API) is dropped.
     pub fn join(self) -> anyhow::Result<()> {
-        let Pipeline { intake, writer, shards, reseq, sinks, .. } = self;
+        let Pipeline { intake, writer, shards, reseq, sinks, acker, .. } = self;
         drop(intake);
         let written = writer.join().map_err(|_| anyhow::anyhow!("log writer panicked"))?;
         for s in shards {
@@ -165,6 +197,9 @@ impl Pipeline {
         for s in sinks {
             let name = s.name;
             s.join().with_context(|| format!("sink {name} failed"))?;
+        }
+        if let Some(acker) = acker {
+            acker.join().map_err(|_| anyhow::anyhow!("acker panicked"))?;
         }
         written
     }
@@ -176,6 +211,8 @@ struct Writer {
     draining: Arc<AtomicBool>,
     shard_txs: Vec<Sender<ShardBatch>>,
     durables: Vec<Arc<AtomicU64>>,
+    /// Set when acknowledgements wait for the sinks.
+    acker: Option<Sender<(Lsn, Completion)>>,
     next_group: u64,
     capacity: usize,
 }
@@ -301,7 +338,16 @@ impl Writer {
         let mut rejected: HashMap<&'static str, u64> = HashMap::new();
         for (i, s) in batch.drain(..).enumerate() {
             if let Some(done) = s.done {
-                done(Ok(first + i as u64));
+                let lsn = first + i as u64;
+                match &self.acker {
+                    Some(acker) => {
+                        if let Err(e) = acker.send((lsn, done)) {
+                            let (_, done) = e.into_inner();
+                            done(Err(NotDurable::ShuttingDown));
+                        }
+                    }
+                    None => done(Ok(lsn)),
+                }
             }
             for f in &s.entry.frames {
                 accepted[(f.kind() == Kind::Diagnostic) as usize] += 1;
@@ -351,6 +397,40 @@ impl Writer {
     }
 }
 
+/// Acknowledges each entry once every durable sink holds it (`ack = "sinks"`), in log order.
+/// An entry a stopped sink can no longer store is answered as not durable.
+fn ack_when_stored(rx: Receiver<(Lsn, Completion)>, sinks: Vec<(Arc<AtomicU64>, Arc<AtomicBool>)>) {
+    let mut pending: std::collections::VecDeque<(Lsn, Completion)> = std::collections::VecDeque::new();
+    let mut open = true;
+    while open || !pending.is_empty() {
+        match rx.recv_timeout(Duration::from_millis(1)) {
+            Ok(item) => {
+                pending.push_back(item);
+                pending.extend(rx.try_iter());
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => open = false,
+        }
+        let stored = sinks.iter().map(|(d, _)| d.load(Ordering::Acquire)).min().unwrap_or(Lsn::MAX);
+        while pending.front().is_some_and(|(lsn, _)| *lsn <= stored) {
+            if let Some((lsn, done)) = pending.pop_front() {
+                done(Ok(lsn));
+            }
+        }
+        if !pending.is_empty() && sinks.iter().any(|(_, alive)| !alive.load(Ordering::Acquire)) {
+            // Re-read: a sink that closed normally made everything durable before it ended.
+            let stored = sinks.iter().map(|(d, _)| d.load(Ordering::Acquire)).min().unwrap_or(Lsn::MAX);
+            for (lsn, done) in pending.drain(..) {
+                if lsn <= stored {
+                    done(Ok(lsn));
+                } else {
+                    done(Err(NotDurable::Log("a sink stopped before storing the entry".into())));
+                }
+            }
+        }
+    }
+}
+
 fn shard_loop(rx: Receiver<ShardBatch>, out: Sender<ShardBatch>, mut dedup: Dedup, latest: LatestCache) {
     for mut batch in rx {
         let dups = dedup.retain_new(&mut batch.frames);
@@ -366,7 +446,7 @@ fn shard_loop(rx: Receiver<ShardBatch>, out: Sender<ShardBatch>, mut dedup: Dedu
     }
 }
 
-fn resequence(rx: Receiver<ShardBatch>, shards: usize, sinks: Vec<(Sender<Arc<SinkBatch>>, Lsn)>) {
+fn resequence(rx: Receiver<ShardBatch>, shards: usize, sinks: Vec<(SinkFeed, Lsn)>) {
     // group → (parts still missing, merged batch)
     let mut pending: BTreeMap<u64, (usize, SinkBatch)> = BTreeMap::new();
     let mut next = 0u64;
@@ -382,10 +462,10 @@ fn resequence(rx: Receiver<ShardBatch>, shards: usize, sinks: Vec<(Sender<Arc<Si
             next += 1;
             record_lag(&batch);
             let batch = Arc::new(batch);
-            for (tx, from) in &sinks {
+            for (feed, from) in &sinks {
                 // During replay a sink only gets what lies past its own checkpoint.
-                if batch.lsn > *from && tx.send(batch.clone()).is_err() {
-                    tracing::error!("a sink stopped; its queue is closed");
+                if batch.lsn > *from && !feed.offer(&batch) {
+                    tracing::error!(sink = feed.name, "a sink stopped; its queue is closed");
                 }
             }
         }
@@ -400,5 +480,50 @@ fn record_lag(batch: &SinkBatch) {
     if let Some(newest) = batch.frames.iter().map(|f| f.ts).max() {
         let now = fleetpipe_ingest::now_micros();
         metrics::histogram!("fleetpipe_event_lag_seconds").record((now - newest) as f64 / 1e6);
+    }
+}
+
+/// Frames remembered while a sink catches up from the log, to drop redeliveries as the shards
+/// would have (at most; the pipeline's own window is used when smaller).
+const CATCH_UP_DEDUP_FRAMES: usize = 262_144;
+/// Frames (and rejections) per batch handed to a sink while it catches up.
+const CATCH_UP_BATCH: usize = 8_192;
+
+/// The log, read back for a sink that fell behind: the same frames the shards would have passed
+/// (de-duplicated over the range read), in log order, in bounded batches.
+struct LogBacklog {
+    dir: std::path::PathBuf,
+    dedup_frames: usize,
+}
+
+impl Backlog for LogBacklog {
+    fn replay(
+        &self,
+        after: Lsn,
+        through: Lsn,
+        f: &mut dyn FnMut(SinkBatch) -> Result<(), SinkError>,
+    ) -> Result<(), SinkError> {
+        let mut dedup = Dedup::new(self.dedup_frames);
+        let mut batch = SinkBatch::default();
+        wal::read_range(&self.dir, after, through, |lsn, payload| -> Result<(), SinkError> {
+            match record::decode(payload) {
+                Ok(entry) => {
+                    let mut frames = entry.frames;
+                    dedup.retain_new(&mut frames);
+                    batch.frames.extend(frames);
+                    batch.rejections.extend(entry.rejections);
+                }
+                Err(e) => tracing::error!(lsn, error = %e, "undecodable log record skipped"),
+            }
+            batch.lsn = lsn;
+            if batch.frames.len() + batch.rejections.len() >= CATCH_UP_BATCH {
+                f(std::mem::take(&mut batch))?;
+            }
+            Ok(())
+        })?;
+        if batch.lsn > after {
+            f(batch)?;
+        }
+        Ok(())
     }
 }

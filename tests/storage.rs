@@ -150,3 +150,33 @@ async fn the_real_drive_lands_in_postgres_and_redis_and_reads_fall_through_l1_l2
     client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
     redis_del_prefix(&prefix);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ack_after_sinks_a_200_means_the_frames_are_already_in_postgres_and_parquet() {
+    let id = unique().replace('-', "_");
+    let schema = format!("fp_ack_{id}");
+    let client = pg().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), None);
+    cfg.postgres.url = Some(PG_URL.into());
+    cfg.postgres.schema = schema.clone();
+    cfg.pipeline.ack = fleetpipe::config::AckMode::Sinks;
+    cfg.pipeline.ack_flush_ms = 20.0;
+    cfg.parquet.roll_secs = 3600.0; // only the acknowledgement's flush commits Parquet files
+    let running = start(cfg).await;
+    let lines: Vec<&str> = DRIVE.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut sent = 0;
+    for chunk in lines.chunks(300).take(3) {
+        let (status, resp) =
+            http_post(running.http_addr, chunk.join("\n").into_bytes(), "application/x-ndjson").await;
+        assert_eq!(status, 200, "{resp}");
+        sent += chunk.len();
+        // No waiting: the answer came after both sinks committed.
+        let rows: i64 =
+            client.query_one(&format!("SELECT count(*) FROM {schema}.locations"), &[]).await.unwrap().get(0);
+        assert_eq!(rows as usize, sent, "in Postgres when acknowledged");
+        assert_eq!(read_parquet(dir.path(), "locations").len(), sent, "in Parquet when acknowledged");
+    }
+    running.stop().await.unwrap();
+    client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+}

@@ -4,25 +4,116 @@
 //! to 5 s) while the batch is held, so the bounded channel in front of the sink fills up and
 //! pushes back. An error that retrying cannot fix ([`SinkError::is_retryable`], e.g. a poisoned
 //! sink) ends the thread with that error; dropping the receiver tells the sender.
+//!
+//! A sink that cannot keep up does not hold the others back. Its feeder ([`SinkFeed`]) never
+//! blocks: when the sink's queue is full it stops sending and notes how far it skipped; once the
+//! sink has worked off its queue it reads the skipped range back from the WAL ([`Backlog`]) and
+//! then takes live batches again. A sink outage is thus absorbed by the WAL, whose segments stay
+//! until every sink is past them; only a full WAL pushes back on the sources.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use fleetpipe_processors::Lsn;
 
 use crate::{Sink, SinkBatch, SinkError};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Where a sink that fell behind reads what it skipped: the WAL, decoded into batches.
+pub trait Backlog: Send + Sync {
+    /// Calls `f` with batches covering every record with `after < lsn <= through`, in order,
+    /// each of bounded size (so catching up holds bounded memory), each with `lsn` set to the
+    /// last record it covers. Stops at the first error `f` returns.
+    fn replay(
+        &self,
+        after: Lsn,
+        through: Lsn,
+        f: &mut dyn FnMut(SinkBatch) -> Result<(), SinkError>,
+    ) -> Result<(), SinkError>;
+}
+
+#[derive(Debug, Default)]
+struct LagState {
+    /// The feeder stopped sending; the sink catches up from the WAL.
+    behind: bool,
+    /// The last batch the feeder skipped while `behind`.
+    skipped_through: Lsn,
+}
+
+/// The hand-off between a sink's feeder and its driver.
+#[derive(Debug, Default)]
+struct Lag(Mutex<LagState>);
+
+impl Lag {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LagState> {
+        // The state is two plain values, valid whatever a panicking holder left.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The sending side of a sink's queue, used by the pipeline; never blocks.
+#[derive(Debug, Clone)]
+pub struct SinkFeed {
+    pub name: &'static str,
+    tx: Sender<Arc<SinkBatch>>,
+    lag: Arc<Lag>,
+}
+
+impl SinkFeed {
+    /// Hands `batch` to the sink, or, when its queue is full or it is already behind, notes that
+    /// it skipped it (the sink reads it back from the WAL). `false` once the sink has stopped.
+    pub fn offer(&self, batch: &Arc<SinkBatch>) -> bool {
+        let mut lag = self.lag.lock();
+        if lag.behind {
+            lag.skipped_through = batch.lsn;
+            return true;
+        }
+        match self.tx.try_send(Arc::clone(batch)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                lag.behind = true;
+                lag.skipped_through = batch.lsn;
+                metrics::gauge!("fleetpipe_sink_behind", "sink" => self.name).set(1.0);
+                tracing::info!(
+                    sink = self.name,
+                    lsn = batch.lsn,
+                    "sink fell behind, it will catch up from the log"
+                );
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
+/// How a sink is driven.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// Batches queued in front of the sink before it is skipped (and catches up from the log).
+    pub queue: usize,
+    /// How often the sink's `tick` runs when no batch arrives.
+    pub tick: Duration,
+    /// When set, acknowledgements wait for this sink: whatever it holds that is not durable yet
+    /// is flushed (`close`) once its queue is empty and this long has passed since the last
+    /// flush.
+    pub flush_every: Option<Duration>,
+}
+
 /// A running sink.
 #[derive(Debug)]
 pub struct SinkHandle {
     pub name: &'static str,
+    /// Whether the sink stores what it is given ([`Sink::is_durable`]); a cache does not.
+    pub is_durable: bool,
     /// The sink's `durable_lsn()`, updated after every call (Release); read with Acquire.
     pub durable: Arc<AtomicU64>,
+    /// Cleared when the thread ends, normally or not.
+    pub alive: Arc<std::sync::atomic::AtomicBool>,
     join: Result<JoinHandle<Result<(), SinkError>>, SinkError>,
 }
 
@@ -48,60 +139,135 @@ impl SinkHandle {
     }
 }
 
-/// Runs `sink` on an OS thread named `sink-{name}`, fed by `rx`; `tick` is how often the sink's
-/// `tick` runs when no batch arrives.
-pub fn spawn(sink: Box<dyn Sink>, rx: Receiver<Arc<SinkBatch>>, tick: Duration) -> SinkHandle {
+/// Runs `sink` on an OS thread named `sink-{name}`, behind a queue fed by the returned
+/// [`SinkFeed`]; what the feeder skips is read back from `backlog`.
+pub fn spawn(sink: Box<dyn Sink>, cfg: DriverConfig, backlog: Arc<dyn Backlog>) -> (SinkHandle, SinkFeed) {
     let name = sink.name();
+    let is_durable = sink.is_durable();
+    let (tx, rx) = crossbeam_channel::bounded(cfg.queue.max(1));
+    let lag = Arc::new(Lag::default());
+    let feed = SinkFeed { name, tx, lag: Arc::clone(&lag) };
     let durable = Arc::new(AtomicU64::new(sink.durable_lsn()));
-    let shared = Arc::clone(&durable);
+    let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (shared, still) = (Arc::clone(&durable), Arc::clone(&alive));
     let join = std::thread::Builder::new()
         .name(format!("sink-{name}"))
-        .spawn(move || run(sink, rx, tick, &shared))
+        .spawn(move || {
+            let written = sink.durable_lsn();
+            let mut driver = Driver { name, sink, written, durable: &shared, last_flush: Instant::now() };
+            let result = driver.run(rx, &lag, backlog.as_ref(), &cfg);
+            still.store(false, Ordering::Release);
+            result
+        })
         .map_err(|e| {
             tracing::error!(sink = name, error = %e, "could not start sink thread");
             SinkError::Thread { sink: name, detail: format!("could not start: {e}") }
         });
-    SinkHandle { name, durable, join }
+    if join.is_err() {
+        alive.store(false, Ordering::Release);
+    }
+    (SinkHandle { name, is_durable, durable, alive, join }, feed)
 }
 
-fn run(
-    mut sink: Box<dyn Sink>,
-    rx: Receiver<Arc<SinkBatch>>,
-    tick: Duration,
-    durable: &AtomicU64,
-) -> Result<(), SinkError> {
-    let name = sink.name();
-    let write_seconds = metrics::histogram!("fleetpipe_sink_write_seconds", "sink" => name);
-    let depth = metrics::gauge!("fleetpipe_queue_depth", "stage" => name);
-    let capacity = metrics::gauge!("fleetpipe_queue_capacity", "stage" => name);
-    tracing::debug!(sink = name, "sink thread started");
-    loop {
-        depth.set(rx.len() as f64);
-        if let Some(cap) = rx.capacity() {
-            capacity.set(cap as f64);
+struct Driver<'a> {
+    name: &'static str,
+    sink: Box<dyn Sink>,
+    /// The last WAL position handed to the sink (durable or not).
+    written: Lsn,
+    durable: &'a AtomicU64,
+    last_flush: Instant,
+}
+
+impl Driver<'_> {
+    fn run(
+        &mut self,
+        rx: Receiver<Arc<SinkBatch>>,
+        lag: &Lag,
+        backlog: &dyn Backlog,
+        cfg: &DriverConfig,
+    ) -> Result<(), SinkError> {
+        let name = self.name;
+        let tick = cfg.flush_every.map_or(cfg.tick, |f| f.min(cfg.tick));
+        let depth = metrics::gauge!("fleetpipe_queue_depth", "stage" => name);
+        let capacity = metrics::gauge!("fleetpipe_queue_capacity", "stage" => name);
+        tracing::debug!(sink = name, "sink thread started");
+        loop {
+            depth.set(rx.len() as f64);
+            if let Some(cap) = rx.capacity() {
+                capacity.set(cap as f64);
+            }
+            // Behind and the queue worked off: what was skipped comes next, from the log.
+            if rx.is_empty() && lag.lock().behind {
+                self.catch_up(lag, backlog)?;
+                continue;
+            }
+            match rx.recv_timeout(tick) {
+                Ok(batch) => self.write(&batch)?,
+                Err(RecvTimeoutError::Timeout) => {
+                    retry(name, "tick", || self.sink.tick(Instant::now()))?;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    retry(name, "close", || self.sink.close())?;
+                    self.durable.store(self.sink.durable_lsn(), Ordering::Release);
+                    tracing::debug!(sink = name, durable = self.sink.durable_lsn(), "sink closed");
+                    return Ok(());
+                }
+            }
+            if let Some(every) = cfg.flush_every {
+                if rx.is_empty()
+                    && self.written > self.sink.durable_lsn()
+                    && self.last_flush.elapsed() >= every
+                {
+                    retry(name, "flush", || self.sink.close())?;
+                    self.last_flush = Instant::now();
+                }
+            }
+            self.durable.store(self.sink.durable_lsn(), Ordering::Release);
         }
-        match rx.recv_timeout(tick) {
-            Ok(batch) => {
-                retry(name, "write", || {
-                    let started = Instant::now();
-                    let result = sink.write(&batch);
-                    write_seconds.record(started.elapsed().as_secs_f64());
-                    result
-                })?;
-                durable.store(sink.durable_lsn(), Ordering::Release);
-                retry(name, "tick", || sink.tick(Instant::now()))?;
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                retry(name, "tick", || sink.tick(Instant::now()))?;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                retry(name, "close", || sink.close())?;
-                durable.store(sink.durable_lsn(), Ordering::Release);
-                tracing::debug!(sink = name, durable = sink.durable_lsn(), "sink closed");
-                return Ok(());
-            }
+    }
+
+    fn write(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
+        let name = self.name;
+        if batch.lsn <= self.written {
+            return Ok(()); // already read from the log while catching up
         }
-        durable.store(sink.durable_lsn(), Ordering::Release);
+        let write_seconds = metrics::histogram!("fleetpipe_sink_write_seconds", "sink" => name);
+        retry(name, "write", || {
+            let started = Instant::now();
+            let result = self.sink.write(batch);
+            write_seconds.record(started.elapsed().as_secs_f64());
+            result
+        })?;
+        self.written = batch.lsn;
+        self.durable.store(self.sink.durable_lsn(), Ordering::Release);
+        retry(name, "tick", || self.sink.tick(Instant::now()))
+    }
+
+    /// Reads from the log what the feeder skipped, until nothing is left to skip.
+    fn catch_up(&mut self, lag: &Lag, backlog: &dyn Backlog) -> Result<(), SinkError> {
+        let from = self.written;
+        loop {
+            let through = {
+                let mut state = lag.lock();
+                if state.skipped_through <= self.written {
+                    // Caught up: the feeder sends again from the batch after this one.
+                    state.behind = false;
+                    metrics::gauge!("fleetpipe_sink_behind", "sink" => self.name).set(0.0);
+                    tracing::info!(
+                        sink = self.name,
+                        from,
+                        through = self.written,
+                        "sink caught up from the log"
+                    );
+                    return Ok(());
+                }
+                state.skipped_through
+            };
+            backlog.replay(self.written, through, &mut |batch| self.write(&batch))?;
+            // The log holds every record up to `through`; a batch may end short of it only when
+            // its last records were empty groups.
+            self.written = self.written.max(through);
+        }
     }
 }
 

@@ -50,6 +50,9 @@ pub enum SinkError {
     Corrupt { path: std::path::PathBuf, detail: String },
     #[error("json error: {0}")]
     Json(#[from] serde_json::Error),
+    /// Reading the write-ahead log back failed (a sink catching up).
+    #[error(transparent)]
+    Wal(#[from] wal::WalError),
     /// The sink lost its uncommitted files (a write or `fsync` failed half way, leaving files it
     /// cannot trust) and must be reopened: the WAL then replays everything after `durable`.
     /// Retrying the same call cannot help.
@@ -80,7 +83,13 @@ impl SinkError {
     /// Whether retrying the failed call can succeed. `false` for [`SinkError::Poisoned`],
     /// [`SinkError::Thread`] and [`SinkError::PostgresFatal`].
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, SinkError::Poisoned { .. } | SinkError::Thread { .. } | SinkError::PostgresFatal(_))
+        !matches!(
+            self,
+            SinkError::Poisoned { .. }
+                | SinkError::Thread { .. }
+                | SinkError::PostgresFatal(_)
+                | SinkError::Wal(_)
+        )
     }
 }
 
@@ -95,6 +104,12 @@ pub trait Sink: Send {
     fn write(&mut self, batch: &SinkBatch) -> Result<(), SinkError>;
     /// Called often; rolls and commits whatever is due (age, size).
     fn tick(&mut self, now: Instant) -> Result<(), SinkError>;
-    /// Make everything written durable (shutdown, drain).
+    /// Make everything written durable now (a flush, the drain, shutdown). The sink stays
+    /// usable: writes may follow.
     fn close(&mut self) -> Result<(), SinkError>;
+    /// Whether the sink stores what it is given, so that acknowledgements may wait for it
+    /// (`[pipeline] ack = "sinks"`). A cache answers `false`.
+    fn is_durable(&self) -> bool {
+        true
+    }
 }

@@ -650,6 +650,9 @@ impl Sink for RedisL2Sink {
     fn name(&self) -> &'static str {
         SINK_NAME
     }
+    fn is_durable(&self) -> bool {
+        false // a cache: acknowledgements never wait for it
+    }
 
     /// The last batch's lsn: a cache never holds the write-ahead log back. (At open it is 0, so
     /// the log replays what it still holds into L2, which the script makes harmless.)

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fleetpipe_processors::{Body, Frame, Location, Lsn};
-use fleetpipe_sinks::driver::spawn;
+use fleetpipe_sinks::driver::{spawn, Backlog, DriverConfig, SinkFeed, SinkHandle};
 use fleetpipe_sinks::parquet::{ParquetConfig, ParquetSink};
 use fleetpipe_sinks::{Sink, SinkBatch, SinkError};
 
@@ -23,13 +23,22 @@ struct FakeSink {
     calls: Arc<Mutex<Calls>>,
     fail_writes: usize,
     poison_at: Option<Lsn>,
+    /// `false`: only `close` makes batches durable.
+    durable_on_tick: bool,
     written: Lsn,
     durable: Lsn,
 }
 
 impl FakeSink {
     fn new(calls: &Arc<Mutex<Calls>>) -> FakeSink {
-        FakeSink { calls: Arc::clone(calls), fail_writes: 0, poison_at: None, written: 0, durable: 0 }
+        FakeSink {
+            calls: Arc::clone(calls),
+            fail_writes: 0,
+            poison_at: None,
+            durable_on_tick: true,
+            written: 0,
+            durable: 0,
+        }
     }
 }
 
@@ -63,7 +72,9 @@ impl Sink for FakeSink {
     }
     fn tick(&mut self, _now: Instant) -> Result<(), SinkError> {
         self.calls.lock().unwrap().ticks += 1;
-        self.durable = self.written;
+        if self.durable_on_tick {
+            self.durable = self.written;
+        }
         Ok(())
     }
     fn close(&mut self) -> Result<(), SinkError> {
@@ -77,16 +88,42 @@ fn batch(lsn: Lsn) -> Arc<SinkBatch> {
     Arc::new(SinkBatch { lsn, ..SinkBatch::default() })
 }
 
+/// The log, as the driver sees it: every lsn from 1 to 1,000 is one record.
+struct Log {
+    reads: Mutex<Vec<(Lsn, Lsn)>>,
+}
+
+impl Backlog for Log {
+    fn replay(
+        &self,
+        after: Lsn,
+        through: Lsn,
+        f: &mut dyn FnMut(SinkBatch) -> Result<(), SinkError>,
+    ) -> Result<(), SinkError> {
+        self.reads.lock().unwrap().push((after, through));
+        for lsn in after + 1..=through {
+            f(SinkBatch { lsn, ..SinkBatch::default() })?;
+        }
+        Ok(())
+    }
+}
+
+fn start(sink: FakeSink, queue: usize, tick_ms: u64) -> (SinkHandle, SinkFeed, Arc<Log>) {
+    let log = Arc::new(Log { reads: Mutex::new(Vec::new()) });
+    let cfg = DriverConfig { queue, tick: Duration::from_millis(tick_ms), flush_every: None };
+    let (handle, feed) = spawn(Box::new(sink), cfg, log.clone());
+    (handle, feed, log)
+}
+
 #[test]
 fn failed_writes_are_retried_with_the_batch_held_and_durable_follows_the_sink() {
     let calls = Arc::new(Mutex::new(Calls::default()));
     let mut sink = FakeSink::new(&calls);
     sink.fail_writes = 3;
-    let (tx, rx) = crossbeam_channel::bounded(4);
-    let handle = spawn(Box::new(sink), rx, Duration::from_millis(20));
+    let (handle, tx, _) = start(sink, 4, 20);
     assert_eq!(handle.name, "fake");
     for lsn in 1..=3 {
-        tx.send(batch(lsn)).unwrap();
+        assert!(tx.offer(&batch(lsn)));
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while handle.durable.load(Ordering::Acquire) < 3 {
@@ -106,8 +143,7 @@ fn failed_writes_are_retried_with_the_batch_held_and_durable_follows_the_sink() 
 #[test]
 fn the_sink_is_ticked_while_no_batch_arrives() {
     let calls = Arc::new(Mutex::new(Calls::default()));
-    let (tx, rx) = crossbeam_channel::bounded::<Arc<SinkBatch>>(1);
-    let handle = spawn(Box::new(FakeSink::new(&calls)), rx, Duration::from_millis(5));
+    let (handle, tx, _) = start(FakeSink::new(&calls), 1, 5);
     std::thread::sleep(Duration::from_millis(100));
     assert!(calls.lock().unwrap().ticks >= 3);
     drop(tx);
@@ -119,14 +155,13 @@ fn a_poisoned_sink_stops_its_thread_with_the_error_and_disconnects_the_sender() 
     let calls = Arc::new(Mutex::new(Calls::default()));
     let mut sink = FakeSink::new(&calls);
     sink.poison_at = Some(2);
-    let (tx, rx) = crossbeam_channel::bounded(4);
-    let handle = spawn(Box::new(sink), rx, Duration::from_millis(20));
-    tx.send(batch(1)).unwrap();
-    tx.send(batch(2)).unwrap();
+    let (handle, tx, _) = start(sink, 4, 20);
+    assert!(tx.offer(&batch(1)));
+    assert!(tx.offer(&batch(2)));
     let err = handle.join().unwrap_err();
     assert!(matches!(err, SinkError::Poisoned { sink: "fake", .. }), "{err}");
     assert!(!err.is_retryable());
-    assert!(tx.send(batch(3)).is_err(), "the receiver is gone");
+    assert!(!tx.offer(&batch(3)), "the receiver is gone");
     assert_eq!(calls.lock().unwrap().closes, 0);
 }
 
@@ -134,11 +169,12 @@ fn a_poisoned_sink_stops_its_thread_with_the_error_and_disconnects_the_sender() 
 fn the_parquet_sink_runs_under_the_driver_and_commits_on_disconnect() {
     let dir = tempfile::tempdir().unwrap();
     let sink = ParquetSink::open(ParquetConfig::new(dir.path())).unwrap();
-    let (tx, rx) = crossbeam_channel::bounded(8);
-    let handle = spawn(Box::new(sink), rx, Duration::from_millis(10));
+    let log = Arc::new(Log { reads: Mutex::new(Vec::new()) });
+    let cfg = DriverConfig { queue: 8, tick: Duration::from_millis(10), flush_every: None };
+    let (handle, tx) = spawn(Box::new(sink), cfg, log);
     let ts = 1_795_640_400_250_000;
     for lsn in 1..=5u64 {
-        tx.send(Arc::new(SinkBatch {
+        assert!(tx.offer(&Arc::new(SinkBatch {
             lsn,
             frames: vec![Frame {
                 vehicle_id: "V1".into(),
@@ -148,8 +184,7 @@ fn the_parquet_sink_runs_under_the_driver_and_commits_on_disconnect() {
                 body: Body::Location(Location { lat: 1.0, lon: 2.0, ..Location::default() }),
             }],
             rejections: Vec::new(),
-        }))
-        .unwrap();
+        })));
     }
     drop(tx);
     let durable = Arc::clone(&handle.durable);
@@ -159,4 +194,57 @@ fn the_parquet_sink_runs_under_the_driver_and_commits_on_disconnect() {
     assert!(file.exists());
     let reopened = ParquetSink::open(ParquetConfig::new(dir.path())).unwrap();
     assert_eq!(reopened.durable_lsn(), 5);
+}
+
+#[test]
+fn a_sink_whose_queue_is_full_is_skipped_and_catches_up_from_the_log_each_batch_once_in_order() {
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let mut sink = FakeSink::new(&calls);
+    sink.fail_writes = 4; // about 150 ms of retries: the queue of 2 overflows meanwhile
+    let (handle, tx, log) = start(sink, 2, 5);
+    for lsn in 1..=200 {
+        assert!(tx.offer(&batch(lsn)), "the feeder never blocks");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handle.durable.load(Ordering::Acquire) < 200 {
+        assert!(Instant::now() < deadline, "never caught up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Caught up: live batches flow through the queue again.
+    for lsn in 201..=202 {
+        assert!(tx.offer(&batch(lsn)));
+    }
+    drop(tx);
+    handle.join().unwrap();
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.writes, (1..=202).collect::<Vec<Lsn>>(), "every batch once, in order");
+    let reads = log.reads.lock().unwrap();
+    assert!(!reads.is_empty(), "the skipped batches came from the log");
+    assert!(reads.iter().all(|&(after, through)| after < through && through <= 200), "{reads:?}");
+}
+
+#[test]
+fn with_flush_every_a_sink_is_made_durable_soon_after_its_queue_empties() {
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let log = Arc::new(Log { reads: Mutex::new(Vec::new()) });
+    // Only a flush makes the batches durable.
+    let cfg = DriverConfig {
+        queue: 8,
+        tick: Duration::from_secs(3600),
+        flush_every: Some(Duration::from_millis(10)),
+    };
+    let mut sink = FakeSink::new(&calls);
+    sink.durable_on_tick = false;
+    let (handle, tx) = spawn(Box::new(sink), cfg, log);
+    for lsn in 1..=3 {
+        assert!(tx.offer(&batch(lsn)));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handle.durable.load(Ordering::Acquire) < 3 {
+        assert!(Instant::now() < deadline, "never flushed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(calls.lock().unwrap().closes >= 1);
+    drop(tx);
+    handle.join().unwrap();
 }

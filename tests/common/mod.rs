@@ -122,6 +122,57 @@ impl Drop for Mosquitto {
     }
 }
 
+/// A Redis server of the test's own, on a free port, keeping nothing on disk: a test can stop
+/// it and start it again without touching the machine's Redis.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut r = RedisServer { port: free_port(), child: None };
+        r.resume();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (its data is gone, as after a crash of a cache).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn resume(&mut self) {
+        let port = self.port;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpListener::bind(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "port {port} still busy");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test.sh installs it)");
+        self.child = Some(child);
+        wait_listening(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A config for tests: everything on free ports under `dir`, files rolled quickly.
 pub fn test_config(dir: &Path, mqtt_url: Option<String>) -> Config {
     let mut cfg = Config { data_dir: dir.to_path_buf(), ..Config::default() };
