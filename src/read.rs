@@ -1,5 +1,5 @@
 //! The latest-state read path: L1 (in-process) → L2 (Redis) → Postgres (newest row), each miss
-//! filling L1 on the way back, with `served_from` and `cache_requests_total{tier,result}`.
+//! filling the tiers above it on the way back (L1 at once, L2 in the background), with `served_from` and `cache_requests_total{tier,result}`.
 //! Near queries go to Redis' geo set when L2 is configured (every instance's vehicles), else L1.
 
 use std::sync::Arc;
@@ -57,7 +57,17 @@ impl ReadPath for Tiers {
                 Ok(Some(state)) => {
                     count_cache("postgres", true);
                     self.l1.fill(id, &state);
-                    Ok(Some((Arc::new(state), "postgres")))
+                    let state = Arc::new(state);
+                    if let Some(l2) = self.l2.clone() {
+                        // Fill L2 for the other instances, off the request's path.
+                        let (id, filled) = (id.to_owned(), Arc::clone(&state));
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = l2.fill(&id, &filled) {
+                                tracing::debug!(vehicle_id = %id, error = %e, "l2 fill after a postgres read failed");
+                            }
+                        });
+                    }
+                    Ok(Some((state, "postgres")))
                 }
                 Ok(None) => {
                     count_cache("postgres", false);

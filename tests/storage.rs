@@ -144,6 +144,17 @@ async fn the_real_drive_lands_in_postgres_and_redis_and_reads_fall_through_l1_l2
         assert_eq!(b["served_from"], "l1");
         assert_eq!(a["location"], l1_doc["location"], "{first} answers as L1 did");
         assert_eq!(b["location"], l1_doc["location"]);
+        if flush {
+            // The Postgres read filled L2 too (in the background).
+            let key = format!("{prefix}vehicle:CSS-3BA199E2");
+            wait_for("L2 filled from Postgres", Duration::from_secs(10), || {
+                let held: Option<String> =
+                    redis::cmd("HGET").arg(&key).arg("location").query(&mut con).ok()?;
+                let held: Value = serde_json::from_str(&held?).ok()?;
+                (held["seq"] == newest["seq"] && held["lat"] == newest["lat"]).then_some(())
+            })
+            .await;
+        }
         running.stop().await.unwrap();
     }
 

@@ -531,34 +531,12 @@ impl RedisL2Sink {
     /// those calls. `Err` when Redis is away ([`is_redis_away`]); a command Redis refuses for
     /// its own reasons is counted in the outcome and its vehicle left to its next frames.
     fn send(&mut self, updates: &[(&str, [Option<&Frame>; 2])]) -> RedisResult<SendOutcome> {
-        // At least 1 ms, at most ~139 years (PEXPIRE refuses overflowing times).
-        let ttl_ms = u64::try_from(self.cfg.ttl.as_millis()).unwrap_or(u64::MAX).clamp(1, 1 << 42);
+        let ttl_ms = ttl_millis(self.cfg.ttl);
         let mut json = Vec::with_capacity(512);
-        let mut calls: Vec<redis::Cmd> = Vec::with_capacity(updates.len());
-        for (id, frames) in updates {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(self.write_script.get_hash())
-                .arg(3)
-                .arg(self.keys.vehicle(id))
-                .arg(&self.keys.geo)
-                .arg(&self.keys.expires)
-                .arg(ttl_ms)
-                .arg(*id);
-            for f in frames.iter().flatten() {
-                json.clear();
-                encode_json(f, &mut json);
-                cmd.arg(f.kind().as_str()).arg(f.ts).arg(f.seq).arg(&json[..]);
-                match &f.body {
-                    Body::Location(l) if l.lat.abs() <= GEO_MAX_LAT => {
-                        cmd.arg(l.lon.to_string()).arg(l.lat.to_string());
-                    }
-                    _ => {
-                        cmd.arg("").arg("");
-                    }
-                }
-            }
-            calls.push(cmd);
-        }
+        let calls: Vec<redis::Cmd> = updates
+            .iter()
+            .map(|(id, frames)| update_cmd(&self.write_script, &self.keys, ttl_ms, id, *frames, &mut json))
+            .collect();
         let Some(conn) = self.conn.as_mut() else {
             return Err(RedisError::from((ErrorKind::Io, "not connected")));
         };
@@ -639,6 +617,45 @@ impl RedisL2Sink {
     }
 }
 
+/// At least 1 ms, at most ~139 years (PEXPIRE refuses overflowing times).
+fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).clamp(1, 1 << 42)
+}
+
+/// One call of the write script: `id`'s newest location and/or diagnostic, each kept only if
+/// newer by event time than what Redis holds.
+fn update_cmd(
+    script: &Script,
+    keys: &Keys,
+    ttl_ms: u64,
+    id: &str,
+    frames: [Option<&Frame>; 2],
+    json: &mut Vec<u8>,
+) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash())
+        .arg(3)
+        .arg(keys.vehicle(id))
+        .arg(&keys.geo)
+        .arg(&keys.expires)
+        .arg(ttl_ms)
+        .arg(id);
+    for f in frames.iter().flatten() {
+        json.clear();
+        encode_json(f, json);
+        cmd.arg(f.kind().as_str()).arg(f.ts).arg(f.seq).arg(&json[..]);
+        match &f.body {
+            Body::Location(l) if l.lat.abs() <= GEO_MAX_LAT => {
+                cmd.arg(l.lon.to_string()).arg(l.lat.to_string());
+            }
+            _ => {
+                cmd.arg("").arg("");
+            }
+        }
+    }
+    cmd
+}
+
 #[derive(Debug, Default)]
 struct SendOutcome {
     written: u64,
@@ -717,6 +734,8 @@ struct ReaderInner {
     idle: Mutex<Vec<Connection>>,
     open_until: Mutex<Option<Instant>>,
     errors_total: metrics::Counter,
+    write_script: Script,
+    ttl: Duration,
 }
 
 /// Reads L2 for the HTTP read path. Blocking (call it from `spawn_blocking` or a thread pool);
@@ -752,6 +771,8 @@ impl RedisL2Reader {
                 idle: Mutex::new(Vec::new()),
                 open_until: Mutex::new(None),
                 errors_total: cache_error_counter(),
+                write_script: Script::new(WRITE_SCRIPT),
+                ttl: cfg.ttl,
             }),
         })
     }
@@ -829,6 +850,26 @@ impl RedisL2Reader {
             }
         }
         Ok(Some(v))
+    }
+
+    /// Writes `state` (read from Postgres after an L2 miss) into L2, under the same rule as the
+    /// sink: a frame never replaces a newer one, so a fill racing live traffic is harmless.
+    pub fn fill(&self, id: &str, state: &VehicleState) -> Result<(), SinkError> {
+        let frames = [state.location.as_deref(), state.diagnostic.as_deref()];
+        if frames.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let inner = &*self.inner;
+        let cmd =
+            update_cmd(&inner.write_script, &inner.keys, ttl_millis(inner.ttl), id, frames, &mut Vec::new());
+        self.with_conn(|c| match cmd.query::<u64>(c) {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                inner.write_script.load(c)?;
+                cmd.query::<u64>(c)
+            }
+            other => other,
+        })
+        .map(drop)
     }
 
     /// Vehicles whose latest location lies within `radius_m` of (lat, lon), nearest first, at most
