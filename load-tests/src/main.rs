@@ -8,12 +8,17 @@
 //! - `l1-bytes`: fills the L1 latest-state cache with N vehicles (a location and a diagnostic
 //!   frame each) and prints the resident memory it added per vehicle.
 //!
+//! - `pg-sink`, `redis-l2`, `ingest`, `read-latency`: the storage measurements of
+//!   `storage_bench.sh` (see [`storage`]).
+//!
 //! Times are Unix epoch seconds with nanoseconds, so a script can subtract them.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+
+mod storage;
 
 #[derive(Parser)]
 struct Cli {
@@ -51,6 +56,48 @@ enum Cmd {
     L1Bytes {
         #[arg(long, default_value_t = 1_000_000)]
         vehicles: u64,
+    },
+    /// The Postgres sink against `psql \copy` of the same rows into the same table.
+    PgSink {
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        url: String,
+        #[arg(long)]
+        schema: String,
+        #[arg(long, default_value_t = 200_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 1000)]
+        vehicles: u64,
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Time per Redis L2 batch of one frame per vehicle.
+    RedisL2 {
+        #[arg(long, default_value = "redis://127.0.0.1:6379")]
+        url: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long, default_value_t = 1000)]
+        vehicles: u64,
+        #[arg(long, default_value_t = 300)]
+        batches: u64,
+    },
+    /// Posts one location per vehicle to a running fleetpipe.
+    Ingest {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, default_value_t = 5000)]
+        vehicles: u64,
+    },
+    /// GETs every vehicle once; latency by `served_from`.
+    ReadLatency {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, default_value_t = 5000)]
+        vehicles: u64,
+        #[arg(long, default_value = "")]
+        label: String,
     },
     WaitMetric {
         #[arg(long)]
@@ -267,6 +314,16 @@ fn l1_bytes(vehicles: u64) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The sinks run their own runtimes: call them outside this one.
+    match &cli.cmd {
+        Cmd::PgSink { url, schema, rows, vehicles, batch, rounds } => {
+            return storage::pg_sink(url, schema, *rows, *vehicles, *batch, *rounds);
+        }
+        Cmd::RedisL2 { url, prefix, vehicles, batches } => {
+            return storage::redis_l2(url, prefix, *vehicles, *batches);
+        }
+        _ => {}
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.cmd {
@@ -281,6 +338,9 @@ fn main() -> anyhow::Result<()> {
                 l1_bytes(vehicles);
                 Ok(())
             }
+            Cmd::Ingest { url, vehicles } => storage::ingest(&url, vehicles).await,
+            Cmd::ReadLatency { url, vehicles, label } => storage::read_latency(&url, vehicles, &label).await,
+            Cmd::PgSink { .. } | Cmd::RedisL2 { .. } => Ok(()),
         }
     })
 }
