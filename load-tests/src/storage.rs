@@ -74,7 +74,14 @@ fn write_csv(path: &Path, frames: &[Frame]) -> anyhow::Result<()> {
 }
 
 fn psql(url: &str, sql: &str) -> anyhow::Result<String> {
-    let out = Command::new("psql").arg(url).arg("-qAtX").arg("-v").arg("ON_ERROR_STOP=1").arg("-c").arg(sql).output()?;
+    let out = Command::new("psql")
+        .arg(url)
+        .arg("-qAtX")
+        .arg("-v")
+        .arg("ON_ERROR_STOP=1")
+        .arg("-c")
+        .arg(sql)
+        .output()?;
     if !out.status.success() {
         bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -89,7 +96,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Rounds of: empty table, `psql \copy` of the rows (timed); empty table, the sink writing the
 /// same rows in batches (timed); then, once, the sink writing them all again (every batch meets
 /// duplicates: the staging + `ON CONFLICT` path).
-pub(crate) fn pg_sink(url: &str, schema: &str, rows: u64, vehicles: u64, batch: usize, rounds: usize) -> anyhow::Result<()> {
+pub(crate) fn pg_sink(
+    url: &str,
+    schema: &str,
+    rows: u64,
+    vehicles: u64,
+    batch: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
     // Today (UTC), from midnight: the partitions the sink keeps ready.
     let start_ms = now_ms - now_ms % 86_400_000;
