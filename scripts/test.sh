@@ -2,7 +2,7 @@
 # Installs (Debian packages) what fleetpipe's tests need, reuses what is already running, and
 # runs the whole test suite: Mosquitto (tests start their own brokers on free ports), PostgreSQL
 # on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (tests use their own schemas and key prefixes).
-# Tests leave nothing behind.
+# Tests leave nothing behind. A full run also validates the Kubernetes manifests under deploy/.
 #   ./scripts/test.sh            # everything
 #   ./scripts/test.sh crash      # extra arguments go to `cargo test`
 set -euo pipefail
@@ -55,3 +55,10 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets "$@"
+
+# The Kubernetes manifests, offline (yamllint, kubernetes-validate, structural checks), on a
+# full run only.
+if [ $# -eq 0 ]; then
+  command -v python3 >/dev/null 2>&1 || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-venv; }
+  deploy/validate.sh
+fi
