@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs (Debian packages) what fleetpipe's tests need, reuses what is already running, and
-# runs the whole test suite: Mosquitto (tests start their own brokers on free ports), PostgreSQL
-# on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (tests use their own schemas and key prefixes).
+# runs the whole test suite: Mosquitto and tansu (tests start their own brokers on free ports),
+# PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (tests use their own schemas and key
+# prefixes), Python confluent-kafka (the independent Kafka client of the tests).
 # Tests leave nothing behind. A full run also validates the Kubernetes manifests under deploy/.
 #   ./scripts/test.sh            # everything
 #   ./scripts/test.sh crash      # extra arguments go to `cargo test`
@@ -48,6 +49,20 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# Kafka: the tests start their own tansu broker (Kafka-compatible, in-memory) on free ports, and
+# check fleetpipe's topics with an independent client, Python confluent-kafka. Both are installed
+# once under ~/.cache/fleetpipe (tansu builds from crates.io in several minutes).
+CACHE="$HOME/.cache/fleetpipe"
+if [ -z "${FLEETPIPE_TANSU:-}" ] && [ ! -x "$CACHE/tansu/bin/tansu" ]; then
+  echo "installing tansu into $CACHE/tansu (once)"
+  env -u CARGO_TARGET_DIR cargo install --locked --quiet tansu --features dynostore --root "$CACHE/tansu"
+fi
+if [ -z "${FLEETPIPE_PYTHON:-}" ] && ! "$CACHE/py/bin/python" -c 'import confluent_kafka' >/dev/null 2>&1; then
+  command -v python3 >/dev/null 2>&1 || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-venv; }
+  python3 -m venv "$CACHE/py"
+  "$CACHE/py/bin/pip" install --quiet --disable-pip-version-check confluent-kafka
+fi
+
 # Build outside the clone so repeated runs reuse it.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -59,6 +74,5 @@ cargo test --workspace --all-targets "$@"
 # The Kubernetes manifests, offline (yamllint, kubernetes-validate, structural checks), on a
 # full run only.
 if [ $# -eq 0 ]; then
-  command -v python3 >/dev/null 2>&1 || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-venv; }
   deploy/validate.sh
 fi

@@ -12,10 +12,12 @@ use std::time::Duration;
 use anyhow::Context;
 use fleetpipe_ingest::broker::{self, BrokerConfig};
 use fleetpipe_ingest::http::{self, ApiState};
+use fleetpipe_ingest::kafka::{self as kafka_source, KafkaConfig};
 use fleetpipe_ingest::mqtt::{self, MqttConfig, Protocol};
 use fleetpipe_processors::latest::LatestCache;
 use fleetpipe_processors::validate::Rules;
 use fleetpipe_sinks::dead_letter::{DeadLetterConfig, DeadLetterSink};
+use fleetpipe_sinks::kafka::{KafkaSink, KafkaSinkConfig};
 use fleetpipe_sinks::parquet::{ParquetConfig, ParquetSink};
 use fleetpipe_sinks::postgres::{PostgresConfig, PostgresReader, PostgresSink};
 use fleetpipe_sinks::redis_l2::{RedisConfig, RedisL2Reader, RedisL2Sink};
@@ -59,6 +61,8 @@ pub struct Running {
     mqtt_ready: Arc<AtomicBool>,
     http: JoinHandle<std::io::Result<()>>,
     mqtt: Option<JoinHandle<Result<(), mqtt::MqttError>>>,
+    kafka_ready: Arc<AtomicBool>,
+    kafka: Option<JoinHandle<Result<(), kafka_source::KafkaSourceError>>>,
     pipeline: Pipeline,
 }
 
@@ -151,6 +155,23 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             .context("opening the Redis L2 sink")?;
         sinks.push(Box::new(sink));
     }
+    if let Some(brokers) = &cfg.kafka.brokers {
+        let topic = |t: &str| (!t.is_empty()).then(|| t.to_owned());
+        let (clean_topic, dlq_topic) = (topic(&cfg.kafka.clean_topic), topic(&cfg.kafka.dlq_topic));
+        if clean_topic.is_some() || dlq_topic.is_some() {
+            let sink = KafkaSink::open(KafkaSinkConfig {
+                brokers: brokers.clone(),
+                client_id: cfg.kafka_client_id(),
+                clean_topic,
+                dlq_topic,
+                flush_timeout: Duration::from_secs(30),
+                properties: cfg.kafka.properties.clone().into_iter().collect(),
+                checkpoint: cfg.data_dir.join("_fleetpipe").join("kafka.checkpoint"),
+            })
+            .context("opening the Kafka outputs")?;
+            sinks.push(Box::new(sink));
+        }
+    }
 
     let shards = if cfg.pipeline.shards == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -192,6 +213,30 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         Some(tokio::spawn(async move { mqtt::run(mqtt_cfg, intake, rules, ready, shutdown).await }))
     };
 
+    let kafka_ready = Arc::new(AtomicBool::new(false));
+    let kafka = match &cfg.kafka.brokers {
+        Some(brokers) if cfg.kafka.consume => {
+            let kcfg = KafkaConfig {
+                brokers: brokers.clone(),
+                topic: cfg.kafka.topic.clone(),
+                group: cfg.kafka.group.clone(),
+                client_id: cfg.kafka_client_id(),
+                batch_messages: cfg.kafka.batch_messages,
+                revoke_wait: Duration::from_secs_f64(cfg.kafka.revoke_wait_secs.max(0.0)),
+                properties: cfg.kafka.properties.clone().into_iter().collect(),
+            };
+            let shutdown = wait_stop(stop_rx.clone());
+            let ready = kafka_ready.clone();
+            let rules = rules.clone();
+            let intake = intake.clone();
+            Some(tokio::spawn(async move { kafka_source::run(kcfg, intake, rules, ready, shutdown).await }))
+        }
+        _ => {
+            kafka_ready.store(true, Ordering::Release);
+            None
+        }
+    };
+
     // HTTP.
     let listener = http::bind(cfg.http.addr)
         .await
@@ -200,7 +245,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let ready = {
         let draining = draining.clone();
         let mqtt_ready = mqtt_ready.clone();
-        Arc::new(move || !draining.load(Ordering::Acquire) && mqtt_ready.load(Ordering::Acquire))
+        let kafka_ready = kafka_ready.clone();
+        Arc::new(move || {
+            !draining.load(Ordering::Acquire)
+                && mqtt_ready.load(Ordering::Acquire)
+                && kafka_ready.load(Ordering::Acquire)
+        })
     };
     let state = ApiState {
         intake,
@@ -213,7 +263,19 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     };
     let http = tokio::spawn(http::serve(listener, state, wait_stop(stop_rx)));
     tracing::info!(http = %http_addr, mqtt = ?mqtt_addr, data_dir = %cfg.data_dir.display(), "fleetpipe started");
-    Ok(Running { http_addr, mqtt_addr, latest, stop_tx, draining, mqtt_ready, http, mqtt, pipeline })
+    Ok(Running {
+        http_addr,
+        mqtt_addr,
+        latest,
+        stop_tx,
+        draining,
+        mqtt_ready,
+        http,
+        mqtt,
+        kafka_ready,
+        kafka,
+        pipeline,
+    })
 }
 
 fn mqtt_config(cfg: &Config, host: String, port: u16, protocol: Protocol) -> MqttConfig {
@@ -243,12 +305,15 @@ async fn wait_stop(mut rx: watch::Receiver<bool>) {
 impl Running {
     /// Drains and stops (see the module header).
     pub async fn stop(self) -> anyhow::Result<()> {
-        let Running { stop_tx, draining, http, mqtt, pipeline, .. } = self;
+        let Running { stop_tx, draining, http, mqtt, kafka, pipeline, .. } = self;
         draining.store(true, Ordering::Release);
         pipeline.begin_drain();
         let _ = stop_tx.send(true);
         if let Some(m) = mqtt {
             m.await.context("mqtt source task")??;
+        }
+        if let Some(k) = kafka {
+            k.await.context("kafka source task")??;
         }
         match tokio::time::timeout(http::DRAIN_GRACE, http).await {
             Ok(r) => r.context("http task")??,
@@ -259,9 +324,10 @@ impl Running {
         Ok(())
     }
 
-    /// Whether the MQTT source holds its subscriptions.
+    /// Whether the MQTT source holds its subscriptions (and the Kafka source, when
+    /// configured, its group membership).
     pub fn is_subscribed(&self) -> bool {
-        self.mqtt_ready.load(Ordering::Acquire)
+        self.mqtt_ready.load(Ordering::Acquire) && self.kafka_ready.load(Ordering::Acquire)
     }
 }
 

@@ -23,6 +23,7 @@ pub struct Config {
     pub dead_letter: DeadLetterSection,
     pub postgres: PostgresSection,
     pub redis: RedisSection,
+    pub kafka: KafkaSection,
 }
 
 impl Default for Config {
@@ -39,6 +40,7 @@ impl Default for Config {
             dead_letter: DeadLetterSection::default(),
             postgres: PostgresSection::default(),
             redis: RedisSection::default(),
+            kafka: KafkaSection::default(),
         }
     }
 }
@@ -275,8 +277,46 @@ impl Default for RedisSection {
     }
 }
 
-/// The variables that switch on services this build does not have yet.
-const NOT_YET: [&str; 2] = ["FLEETPIPE_KAFKA_BROKERS", "FLEETPIPE_KAFKA_TOPIC"];
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSection {
+    /// `host:port[,host:port…]`. Unset: no Kafka.
+    pub brokers: Option<String>,
+    /// Consume the input topic (as a member of `group`).
+    pub consume: bool,
+    /// The input topic.
+    pub topic: String,
+    pub group: String,
+    /// Stable per instance; default `fleetpipe-<pod or host name>`, as for MQTT.
+    pub client_id: Option<String>,
+    /// Most records folded into one log entry.
+    pub batch_messages: usize,
+    /// Validated, normalised frames for stream consumers; `""` switches it off.
+    pub clean_topic: String,
+    /// Rejected input with a `reason` header; `""` switches it off.
+    pub dlq_topic: String,
+    /// Longest a revoked partition (or the drain) waits for its entries to become durable.
+    pub revoke_wait_secs: f64,
+    /// Extra librdkafka properties for every client (`"security.protocol" = "SASL_SSL"`, ...).
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        KafkaSection {
+            brokers: None,
+            consume: true,
+            topic: "vehicle-frames".into(),
+            group: "fleetpipe".into(),
+            client_id: None,
+            batch_messages: 1024,
+            clean_topic: "vehicle-frames-clean".into(),
+            dlq_topic: "vehicle-frames-dlq".into(),
+            revoke_wait_secs: 10.0,
+            properties: Default::default(),
+        }
+    }
+}
 
 impl Config {
     /// Reads the file (`--config`, else `FLEETPIPE_CONFIG`, else none), then the environment.
@@ -333,10 +373,14 @@ impl Config {
         if let Some(v) = get("FLEETPIPE_REDIS_URL").filter(|v| !v.is_empty()) {
             self.redis.url = Some(v);
         }
-        for k in NOT_YET {
-            if get(k).is_some_and(|v| !v.is_empty()) {
-                bail!("{k} is set, but this build of fleetpipe has no such sink or source yet; unset it");
-            }
+        if let Some(v) = get("FLEETPIPE_KAFKA_BROKERS").filter(|v| !v.is_empty()) {
+            self.kafka.brokers = Some(v);
+        }
+        if let Some(v) = get("FLEETPIPE_KAFKA_TOPIC").filter(|v| !v.is_empty()) {
+            self.kafka.topic = v;
+        }
+        if let Some(v) = get("FLEETPIPE_KAFKA_GROUP").filter(|v| !v.is_empty()) {
+            self.kafka.group = v;
         }
         Ok(())
     }
@@ -354,19 +398,32 @@ impl Config {
         Ok(())
     }
 
+    /// The stable Kafka client id: configured, else derived from the pod or host name.
+    pub fn kafka_client_id(&self) -> String {
+        match &self.kafka.client_id {
+            Some(id) => id.clone(),
+            None => instance_id(),
+        }
+    }
+
     /// The stable MQTT client id: configured, else derived from the pod or host name.
     pub fn mqtt_client_id(&self) -> String {
-        if let Some(id) = &self.mqtt.client_id {
-            return id.clone();
+        match &self.mqtt.client_id {
+            Some(id) => id.clone(),
+            None => instance_id(),
         }
-        let host = std::env::var("POD_NAME")
-            .or_else(|_| std::env::var("HOSTNAME"))
-            .ok()
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "local".into());
-        format!("fleetpipe-{host}")
     }
+}
+
+/// `fleetpipe-<pod or host name>`.
+fn instance_id() -> String {
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".into());
+    format!("fleetpipe-{host}")
 }
 
 /// `mqtt://host:port` (or `tcp://`) → (host, port); the port defaults to 1883.

@@ -1,5 +1,5 @@
 //! fleetpipe's sources: MQTT (through rumqttc, against an external broker or the embedded
-//! rumqttd one) and HTTP (axum).
+//! rumqttd one), Kafka (rdkafka, a consumer group member) and HTTP (axum).
 //!
 //! A source turns messages into [`Entry`]s (decoded, validated frames plus rejections) and
 //! submits them to the intake, a bounded queue in front of the write-ahead log. Each
@@ -11,6 +11,7 @@
 
 pub mod broker;
 pub mod http;
+pub mod kafka;
 pub mod mqtt;
 
 use fleetpipe_processors::{Decoded, Frame, Lsn, Micros, Rejection};

@@ -5,12 +5,15 @@
 //!   and records how far it got, so a crash replays exactly what a sink had not made durable.
 //! - [`parquet`]: hive-partitioned Parquet history.
 //! - [`dead_letter`]: every rejected frame, with its reason, raw bytes and source.
+//! - [`postgres`], [`redis_l2`]: history and the L2 latest-state cache.
+//! - [`kafka`]: the clean and dead-letter topics for stream consumers.
 //!
 //! Sinks are driven by one generic loop ([`driver::spawn`]) that owns timers, retries and
 //! per-sink metrics, so no sink re-implements them. A sink sees batches in WAL order.
 
 pub mod dead_letter;
 pub mod driver;
+pub mod kafka;
 pub mod parquet;
 pub mod postgres;
 pub mod redis_l2;
@@ -68,6 +71,9 @@ pub enum SinkError {
     /// The sink's thread could not be started or panicked.
     #[error("{sink} sink thread: {detail}")]
     Thread { sink: &'static str, detail: String },
+    /// Kafka refused or did not acknowledge records in time; the batch is sent again.
+    #[error("kafka: {0}")]
+    Kafka(String),
     /// A Postgres call failed in a way a retry can fix: the connection was refused or lost, the
     /// server is shutting down or out of resources, a lock or serialization conflict. The sink
     /// reconnects on its next call.

@@ -173,6 +173,78 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Kafka-compatible broker of the test's own (tansu, in-memory storage) on a free port.
+pub struct Tansu {
+    pub port: u16,
+    child: Child,
+}
+
+fn home_cache(rel: &str) -> PathBuf {
+    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/fleetpipe").join(rel)
+}
+
+impl Tansu {
+    pub fn start() -> Tansu {
+        let bin = std::env::var_os("FLEETPIPE_TANSU").map(PathBuf::from).unwrap_or_else(|| {
+            let cached = home_cache("tansu/bin/tansu");
+            if cached.exists() {
+                cached
+            } else {
+                PathBuf::from("tansu")
+            }
+        });
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args(["broker", "--storage-engine", "memory://tansu/", "--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{} must be installed (scripts/test.sh installs it): {e}", bin.display())
+            });
+        wait_listening(([127, 0, 0, 1], port).into(), Duration::from_secs(30));
+        Tansu { port, child }
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `tests/kafka_client.py` (Python confluent-kafka: a Kafka client independent of
+/// fleetpipe's) and returns its standard output.
+pub fn kafka_client(args: &[&str]) -> String {
+    let python = std::env::var_os("FLEETPIPE_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        let venv = home_cache("py/bin/python");
+        if venv.exists() {
+            venv
+        } else {
+            PathBuf::from("python3")
+        }
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kafka_client.py");
+    let out = Command::new(&python).arg(&script).args(args).output().expect("python for kafka_client.py");
+    assert!(out.status.success(), "kafka_client.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Records read back by [`kafka_client`] `consume`.
+pub fn kafka_records(brokers: &str, topic: &str, count: usize, secs: u64) -> Vec<Value> {
+    kafka_client(&["consume", brokers, topic, &count.to_string(), &secs.to_string()])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// A config for tests: everything on free ports under `dir`, files rolled quickly.
 pub fn test_config(dir: &Path, mqtt_url: Option<String>) -> Config {
     let mut cfg = Config { data_dir: dir.to_path_buf(), ..Config::default() };
