@@ -1,8 +1,9 @@
 //! `fleetpipe simulate` and `fleetpipe replay`: publishers for demos, tests and load.
 //!
 //! Both send through a [`Target`]: MQTT (QoS 1 by default, one topic per vehicle and kind, all
-//! PUBACKs awaited before the summary) or HTTP (`POST /v1/frames`, JSON arrays, retried on
-//! 503 after `Retry-After`).
+//! PUBACKs awaited before the summary), HTTP (`POST /v1/frames`, JSON arrays, retried on 503
+//! after `Retry-After`) or Kafka (`kafka://host:port[,host:port]/topic`, one record per frame
+//! keyed by `vehicle_id`, idempotent producer, every delivery awaited).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,24 @@ use crate::config::parse_mqtt_url;
 pub enum Target {
     Mqtt { client: rumqttc::AsyncClient, acked: Arc<AtomicU64>, sent: u64, qos: rumqttc::QoS },
     Http { client: reqwest::Client, url: String },
+    Kafka { producer: rdkafka::producer::FutureProducer, topic: String },
+}
+
+/// `kafka://host:port[,host:port…][/topic]` → (brokers, topic); the topic defaults to the
+/// contract's input topic.
+pub fn parse_kafka_url(url: &str) -> anyhow::Result<(String, String)> {
+    let rest = url
+        .strip_prefix("kafka://")
+        .with_context(|| format!("Kafka url {url:?} must start with kafka://"))?;
+    let (brokers, topic) = match rest.split_once('/') {
+        Some((b, t)) if !t.is_empty() => (b, t),
+        Some((b, _)) => (b, "vehicle-frames"),
+        None => (rest, "vehicle-frames"),
+    };
+    if brokers.is_empty() {
+        bail!("Kafka url {url:?} has no broker");
+    }
+    Ok((brokers.to_owned(), topic.to_owned()))
 }
 
 impl Target {
@@ -53,8 +72,17 @@ impl Target {
             let url =
                 if base.ends_with("/v1/frames") { base.to_string() } else { format!("{base}/v1/frames") };
             Ok(Target::Http { client: reqwest::Client::new(), url })
+        } else if url.starts_with("kafka://") {
+            let (brokers, topic) = parse_kafka_url(url)?;
+            let producer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "5")
+                .create()
+                .with_context(|| format!("Kafka producer for {brokers}"))?;
+            Ok(Target::Kafka { producer, topic })
         } else {
-            bail!("target {url:?}: use mqtt://host:port or http://host:port")
+            bail!("target {url:?}: use mqtt://host:port, http://host:port or kafka://host:port/topic")
         }
     }
 
@@ -69,6 +97,38 @@ impl Target {
                     client.publish(topic, *qos, false, serde_json::to_vec(f)?).await?;
                     if *qos != rumqttc::QoS::AtMostOnce {
                         *sent += 1;
+                    }
+                }
+                Ok(())
+            }
+            Target::Kafka { producer, topic } => {
+                let mut deliveries = Vec::with_capacity(frames.len());
+                for f in frames {
+                    let key = f["vehicle_id"].as_str().unwrap_or("unknown").to_owned();
+                    let payload = serde_json::to_vec(f)?;
+                    let mut record = rdkafka::producer::FutureRecord::to(topic).key(&key).payload(&payload);
+                    loop {
+                        match producer.send_result(record) {
+                            Ok(delivery) => break deliveries.push(delivery),
+                            Err((
+                                rdkafka::error::KafkaError::MessageProduction(
+                                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                                ),
+                                r,
+                            )) => {
+                                // librdkafka's queue is full: let deliveries drain it.
+                                record = r;
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            Err((e, _)) => bail!("kafka send to {topic}: {e}"),
+                        }
+                    }
+                }
+                for d in deliveries {
+                    match d.await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err((e, _))) => bail!("kafka delivery to {topic}: {e}"),
+                        Err(_) => bail!("kafka producer dropped a delivery to {topic}"),
                     }
                 }
                 Ok(())
@@ -225,7 +285,7 @@ pub async fn simulate(
         }
         let n = batch.len() as u64;
         match &mut target {
-            Target::Http { .. } => {
+            Target::Http { .. } | Target::Kafka { .. } => {
                 for chunk in batch.chunks(1000) {
                     target.send(chunk).await?;
                 }
@@ -264,7 +324,7 @@ pub async fn replay(path: &std::path::Path, target_url: &str, speed: f64, qos: u
     let mut progress = Progress::new();
     let started = Instant::now();
     let first_ts = frames.first().and_then(ts_millis);
-    let batch_size = if matches!(target, Target::Http { .. }) { 500 } else { 1 };
+    let batch_size = if matches!(target, Target::Mqtt { .. }) { 1 } else { 500 };
     for chunk in frames.chunks(batch_size) {
         if speed > 0.0 {
             if let (Some(t0), Some(t)) = (first_ts, chunk.first().and_then(ts_millis)) {

@@ -6,63 +6,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-
-struct Fleetpipe {
-    child: Child,
-    http_port: u16,
-}
-
-impl Fleetpipe {
-    async fn start(config: &Path, http_port: u16) -> Fleetpipe {
-        let child = Command::new(env!("CARGO_BIN_EXE_fleetpipe"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", std::env::var("FLEETPIPE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let fp = Fleetpipe { child, http_port };
-        let url = format!("http://127.0.0.1:{http_port}/ready");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = reqwest::get(&url).await {
-                if r.status().is_success() {
-                    return fp;
-                }
-            }
-            assert!(std::time::Instant::now() < deadline, "fleetpipe not ready after 30 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn metric(&self, name: &str) -> f64 {
-        let url = format!("http://127.0.0.1:{}/metrics", self.http_port);
-        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
-        metric(&text, name)
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn sigterm(mut self) -> std::process::ExitStatus {
-        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Fleetpipe {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 

@@ -245,6 +245,60 @@ pub fn kafka_records(brokers: &str, topic: &str, count: usize, secs: u64) -> Vec
         .collect()
 }
 
+/// The fleetpipe binary, run as a child process with a config file (for kill -9 and SIGTERM).
+pub struct Fleetpipe {
+    child: Child,
+    pub http_port: u16,
+}
+
+impl Fleetpipe {
+    pub async fn start(config: &Path, http_port: u16) -> Fleetpipe {
+        let child = Command::new(env!("CARGO_BIN_EXE_fleetpipe"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", std::env::var("FLEETPIPE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let fp = Fleetpipe { child, http_port };
+        let url = format!("http://127.0.0.1:{http_port}/ready");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(&url).await {
+                if r.status().is_success() {
+                    return fp;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "fleetpipe not ready after 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let url = format!("http://127.0.0.1:{}/metrics", self.http_port);
+        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+        metric(&text, name)
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn sigterm(mut self) -> std::process::ExitStatus {
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Fleetpipe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A config for tests: everything on free ports under `dir`, files rolled quickly.
 pub fn test_config(dir: &Path, mqtt_url: Option<String>) -> Config {
     let mut cfg = Config { data_dir: dir.to_path_buf(), ..Config::default() };
