@@ -8,9 +8,10 @@
 //! auto-commit timer, and synchronously on revoke and at shutdown, after waiting for the
 //! revoked partitions' entries (rust-rdkafka's `at_least_once` pattern).
 //!
-//! Pushback: when the intake is full the assigned partitions are paused (the consumer keeps
-//! polling, so it stays in its group) and resumed once there is room: lag grows in Kafka, not
-//! memory here. A rebalance loses nothing: a partition's new owner starts from the committed
+//! Pushback: when the intake stays full the source stops taking records until there is room;
+//! librdkafka stops fetching once its bounded prefetch queue is full, so lag grows in Kafka, not
+//! memory here. (A stall longer than `max.poll.interval.ms`, 5 minutes, makes the member leave
+//! the group, so that others can take its partitions; it rejoins when it polls again.) A rebalance loses nothing: a partition's new owner starts from the committed
 //! watermark, so at worst it reads again what was durable but not yet committed, which the
 //! sinks store once (de-duplication, idempotent Postgres writes).
 
@@ -32,6 +33,9 @@ use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::{now_micros, Entry, Intake, Submission};
+
+/// How long a full intake is waited for before the partitions are paused.
+const PAUSE_AFTER: Duration = Duration::from_millis(250);
 
 /// How the source joins its group.
 #[derive(Debug, Clone)]
@@ -281,6 +285,7 @@ pub async fn run(
         // Kafka-compatible broker of the tests, kept a killed member in the group with other
         // ratios.) Overridable through `[kafka.properties]`.
         .set("session.timeout.ms", "6000")
+        // The prefetch bound: what a paused source holds at most.
         .set("queued.max.messages.kbytes", "16384")
         .set("statistics.interval.ms", "5000");
     for (k, v) in &cfg.properties {
@@ -325,34 +330,25 @@ pub async fn run(
             Ok(p) => p,
             Err(TrySendError::Closed(())) => break,
             Err(TrySendError::Full(())) => {
-                // Pushback: pause every assigned partition; keep polling (rebalances, and the
-                // group's liveness) until there is room.
-                let assigned = consumer.assignment()?;
-                consumer.pause(&assigned)?;
-                metrics::gauge!("fleetpipe_kafka_paused").set(1.0);
-                tracing::debug!(partitions = assigned.count(), "kafka partitions paused: intake full");
-                let mut held = Vec::new();
-                let permit = loop {
-                    tokio::select! {
-                        p = intake.reserve() => break p,
-                        m = consumer.recv() => if let Ok(m) = m { held.push(received(&m)) },
+                // A momentarily full intake is simply waited out. One that stays full is
+                // pushback: stop taking records until there is room. librdkafka keeps fetching
+                // only until its bounded prefetch queue (`queued.max.messages.kbytes`) is full;
+                // the rest stays in Kafka as lag. (Not `rd_kafka_pause` + resume, nor a seek:
+                // both restart the fetcher mid-batch, which tansu, the broker of the tests,
+                // answers with skipped and repeated records.)
+                let permit = match tokio::time::timeout(PAUSE_AFTER, intake.reserve()).await {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        metrics::gauge!("fleetpipe_kafka_paused").set(1.0);
+                        tracing::info!("kafka consumption paused: intake full");
+                        let permit = intake.reserve().await;
+                        metrics::gauge!("fleetpipe_kafka_paused").set(0.0);
+                        tracing::info!("kafka consumption resumed");
+                        permit
                     }
                 };
-                if let Ok(current) = consumer.assignment() {
-                    let _ = consumer.resume(&current);
-                }
-                metrics::gauge!("fleetpipe_kafka_paused").set(0.0);
                 let Ok(permit) = permit else { break };
-                permit.send(submission);
-                if !held.is_empty() {
-                    // Fetched before the pause took hold: they go next, in order.
-                    entry_no += 1;
-                    let more = build(&cfg.topic, held, entry_no, &rules, &tracker);
-                    if intake.send(more).await.is_err() {
-                        break;
-                    }
-                }
-                continue;
+                permit
             }
         };
         permit.send(submission);
