@@ -136,6 +136,12 @@ impl Client {
             Client::V5(c) => c.subscribe(filter, qos_v5(qos)).await.map_err(|e| e.to_string()),
         }
     }
+    async fn unsubscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.unsubscribe(filter).await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.unsubscribe(filter).await.map_err(|e| e.to_string()),
+        }
+    }
     async fn disconnect(&self) -> Result<(), String> {
         match self {
             Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
@@ -165,6 +171,7 @@ enum Step {
     Message(Publish),
     Connected { session_present: bool },
     Subscribed { ok: bool },
+    Unsubscribed,
     Disconnected,
     Other,
     Failed(String),
@@ -188,6 +195,7 @@ impl EventLoop {
                     Ok(Event::Incoming(Packet::SubAck(s))) => Step::Subscribed {
                         ok: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))),
                     },
+                    Ok(Event::Incoming(Packet::UnsubAck(_))) => Step::Unsubscribed,
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => Step::Disconnected,
                     Ok(_) => Step::Other,
                     Err(e) => Step::Failed(e.to_string()),
@@ -205,6 +213,7 @@ impl EventLoop {
                     Ok(Event::Incoming(Packet::SubAck(s))) => Step::Subscribed {
                         ok: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))),
                     },
+                    Ok(Event::Incoming(Packet::UnsubAck(_))) => Step::Unsubscribed,
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => Step::Disconnected,
                     Ok(_) => Step::Other,
                     Err(e) => Step::Failed(e.to_string()),
@@ -279,6 +288,12 @@ pub async fn run(
     let epoch = Arc::new(AtomicU64::new(0));
     let stop_intake = Arc::new(tokio::sync::Notify::new());
     let stopping = Arc::new(AtomicBool::new(false));
+    // Leaving a shared subscription: no resubscribe on reconnect; unsubacks and the time of the
+    // last message tell when the broker has nothing more for us.
+    let leaving = Arc::new(AtomicBool::new(false));
+    let unsubacks = Arc::new(AtomicU64::new(0));
+    let started = std::time::Instant::now();
+    let last_message_ms = Arc::new(AtomicU64::new(0));
 
     let batcher = tokio::spawn(batch_loop(
         raw_rx,
@@ -295,11 +310,14 @@ pub async fn run(
     let poll_ready = ready.clone();
     let poll_stopping = stopping.clone();
     let poll_client = client.clone();
+    let (poll_leaving, poll_unsubacks, poll_last) =
+        (leaving.clone(), unsubacks.clone(), last_message_ms.clone());
     let poller = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
             match eventloop.step().await {
                 Step::Message(p) => {
+                    poll_last.store(started.elapsed().as_millis() as u64, Ordering::Release);
                     let e = epoch.load(Ordering::Acquire);
                     // After shutdown began the batcher is gone: the message stays unacked and
                     // the broker redelivers it to our session.
@@ -311,7 +329,7 @@ pub async fn run(
                         epoch.fetch_add(1, Ordering::AcqRel);
                     }
                     tracing::info!(session_present, "mqtt connected");
-                    if poll_stopping.load(Ordering::Acquire) {
+                    if poll_stopping.load(Ordering::Acquire) || poll_leaving.load(Ordering::Acquire) {
                         continue;
                     }
                     // Resubscribe on every connect: a lost subscription is silent.
@@ -333,6 +351,9 @@ pub async fn run(
                     } else {
                         tracing::error!("mqtt broker refused a subscription");
                     }
+                }
+                Step::Unsubscribed => {
+                    poll_unsubacks.fetch_add(1, Ordering::AcqRel);
                 }
                 Step::Disconnected => {
                     if poll_stopping.load(Ordering::Acquire) {
@@ -357,8 +378,12 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!("mqtt source draining");
-    stopping.store(true, Ordering::Release);
     ready.store(false, Ordering::Release);
+    if cfg.shared_group.is_some() {
+        leave_shared_subscription(&client, &cfg.filters(), &leaving, &unsubacks, started, &last_message_ms)
+            .await;
+    }
+    stopping.store(true, Ordering::Release);
     stop_intake.notify_one();
     // The batcher returns after submitting what it holds; the acker after the last of those
     // is durable and acked.
@@ -371,6 +396,49 @@ pub async fn run(
     tracing::info!("mqtt source stopped");
     Ok(())
 }
+
+/// Scale-in of a shared-subscription member: unsubscribe first, so that the broker routes new
+/// messages to the other members, then keep taking (and acknowledging) what the broker had
+/// already sent or queued for this session until it has been quiet for [`LEAVE_QUIET`]. Only
+/// then does the normal drain stop intake; nothing is left in this session for the broker to
+/// hold until it expires (mosquitto #2662).
+async fn leave_shared_subscription(
+    client: &Client,
+    filters: &[String],
+    leaving: &AtomicBool,
+    unsubacks: &AtomicU64,
+    started: std::time::Instant,
+    last_message_ms: &AtomicU64,
+) {
+    leaving.store(true, Ordering::Release);
+    let before = unsubacks.load(Ordering::Acquire);
+    for f in filters {
+        if let Err(e) = client.unsubscribe(f).await {
+            tracing::warn!(filter = %f, error = %e, "mqtt unsubscribe request failed");
+        }
+    }
+    let deadline = tokio::time::Instant::now() + LEAVE_TIMEOUT;
+    while unsubacks.load(Ordering::Acquire) < before + filters.len() as u64 {
+        if tokio::time::Instant::now() > deadline {
+            tracing::warn!("mqtt unsubscribe not acknowledged; draining anyway");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    loop {
+        let now_ms = started.elapsed().as_millis() as u64;
+        let quiet_for = Duration::from_millis(now_ms.saturating_sub(last_message_ms.load(Ordering::Acquire)));
+        if quiet_for >= LEAVE_QUIET || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(LEAVE_QUIET - quiet_for).await;
+    }
+    tracing::info!("mqtt shared subscription left");
+}
+
+/// How long a leaving shared-subscription member waits for the broker to stop sending.
+const LEAVE_QUIET: Duration = Duration::from_millis(500);
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn batch_loop(
     mut raw_rx: mpsc::Receiver<(u64, Publish)>,
