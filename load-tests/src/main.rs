@@ -83,6 +83,27 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         batches: u64,
     },
+    /// Produces N frames (JSON, key = vehicle_id) to a Kafka topic, flat out.
+    KafkaProduce {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long, default_value = "vehicle-frames")]
+        topic: String,
+        #[arg(long, default_value_t = 300_000)]
+        frames: u64,
+        #[arg(long, default_value_t = 1000)]
+        vehicles: u64,
+    },
+    /// The bare Kafka ceiling: a consumer (new group, from the earliest offset) that only counts
+    /// records. Prints the time the N-th arrived.
+    KafkaConsume {
+        #[arg(long)]
+        brokers: String,
+        #[arg(long, default_value = "vehicle-frames")]
+        topic: String,
+        #[arg(long)]
+        count: u64,
+    },
     /// Posts one location per vehicle to a running fleetpipe.
     Ingest {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -250,6 +271,68 @@ async fn wait_metric(url: String, name: String, value: f64, timeout: f64) -> any
     }
 }
 
+async fn kafka_produce(brokers: &str, topic: &str, frames: u64, vehicles: u64) -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .create()?;
+    let start = now();
+    let mut pending = Vec::with_capacity(10_000);
+    for i in 0..frames {
+        // On Kafka the frame names its kind (on MQTT the topic does).
+        let (_, mqtt_body) = frame(i, vehicles);
+        let mut body = b"{\"kind\":\"location\",".to_vec();
+        body.extend_from_slice(mqtt_body.get(1..).unwrap_or_default());
+        let key = format!("LOAD{:08}", i % vehicles.max(1));
+        let mut record = FutureRecord::to(topic).key(&key).payload(&body);
+        loop {
+            match producer.send_result(record) {
+                Ok(d) => break pending.push(d),
+                Err((_, r)) => {
+                    record = r;
+                    for d in pending.drain(..) {
+                        d.await.context("delivery")?.map_err(|(e, _)| e)?;
+                    }
+                }
+            }
+        }
+        if pending.len() >= 10_000 {
+            for d in pending.drain(..) {
+                d.await.context("delivery")?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for d in pending.drain(..) {
+        d.await.context("delivery")?.map_err(|(e, _)| e)?;
+    }
+    let secs = now() - start;
+    println!("produced {frames} in {secs:.3} s ({:.0}/s)", frames as f64 / secs);
+    Ok(())
+}
+
+async fn kafka_consume(brokers: &str, topic: &str, count: u64) -> anyhow::Result<()> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bare-{}-{}", std::process::id(), now()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut n = 0u64;
+    while n < count {
+        match consumer.recv().await {
+            Ok(_) => n += 1,
+            Err(e) => bail!("consumer error after {n} records: {e}"),
+        }
+    }
+    println!("end {:.6}", now());
+    Ok(())
+}
+
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -339,6 +422,10 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Cmd::Ingest { url, vehicles } => storage::ingest(&url, vehicles).await,
+            Cmd::KafkaProduce { brokers, topic, frames, vehicles } => {
+                kafka_produce(&brokers, &topic, frames, vehicles).await
+            }
+            Cmd::KafkaConsume { brokers, topic, count } => kafka_consume(&brokers, &topic, count).await,
             Cmd::ReadLatency { url, vehicles, label } => storage::read_latency(&url, vehicles, &label).await,
             Cmd::PgSink { .. } | Cmd::RedisL2 { .. } => Ok(()),
         }
