@@ -104,6 +104,12 @@ enum Cmd {
         #[arg(long)]
         count: u64,
     },
+    /// The HTTP limit: answers `POST /v1/frames` with `{"accepted":n}` (n = the NDJSON lines, or
+    /// 1) without decoding, validating or storing anything.
+    HttpNull {
+        #[arg(long)]
+        port: u16,
+    },
     /// Posts one location per vehicle to a running fleetpipe.
     Ingest {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -333,6 +339,21 @@ async fn kafka_consume(brokers: &str, topic: &str, count: u64) -> anyhow::Result
     Ok(())
 }
 
+async fn http_null(port: u16) -> anyhow::Result<()> {
+    async fn accept(headers: axum::http::HeaderMap, body: axum::body::Bytes) -> String {
+        let ndjson = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-ndjson"));
+        let n = if ndjson { body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count() } else { 1 };
+        format!(r#"{{"accepted":{n},"rejected":[]}}"#)
+    }
+    let app = axum::Router::new().route("/v1/frames", axum::routing::post(accept));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -405,6 +426,13 @@ fn main() -> anyhow::Result<()> {
         Cmd::RedisL2 { url, prefix, vehicles, batches } => {
             return storage::redis_l2(url, prefix, *vehicles, *batches);
         }
+        // On all cores, as fleetpipe's API.
+        Cmd::HttpNull { port } => {
+            return tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(http_null(*port));
+        }
         _ => {}
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -426,6 +454,7 @@ fn main() -> anyhow::Result<()> {
                 kafka_produce(&brokers, &topic, frames, vehicles).await
             }
             Cmd::KafkaConsume { brokers, topic, count } => kafka_consume(&brokers, &topic, count).await,
+            Cmd::HttpNull { .. } => Ok(()),
             Cmd::ReadLatency { url, vehicles, label } => storage::read_latency(&url, vehicles, &label).await,
             Cmd::PgSink { .. } | Cmd::RedisL2 { .. } => Ok(()),
         }
