@@ -110,6 +110,23 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
+    /// Frame→queryable latency: background load at `rate` frames/s over MQTT (QoS 1) while a
+    /// probe publishes a new frame for one of its own vehicles every 20 ms and polls
+    /// `GET /v1/vehicles/{id}` until that frame is the one served. Prints p50/p99/max.
+    Latency {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        http: String,
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 1000)]
+        vehicles: u64,
+        #[arg(long, default_value_t = 20.0)]
+        duration: f64,
+    },
     /// Posts one location per vehicle to a running fleetpipe.
     Ingest {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -339,6 +356,99 @@ async fn kafka_consume(brokers: &str, topic: &str, count: u64) -> anyhow::Result
     Ok(())
 }
 
+/// An MQTT 3.1.1 QoS 1 publisher whose event loop runs in the background.
+fn mqtt_publisher(host: &str, port: u16, name: &str) -> rumqttc::AsyncClient {
+    let mut o =
+        rumqttc::MqttOptions::new(format!("fleetpipe-load-{name}-{}", std::process::id()), host, port);
+    o.set_keep_alive(Duration::from_secs(30)).set_inflight(1000).set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10_000);
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = el.poll().await {
+                if matches!(e, rumqttc::ConnectionError::RequestsDone) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    client
+}
+
+async fn latency(
+    host: String,
+    port: u16,
+    http: String,
+    rate: u64,
+    vehicles: u64,
+    duration: f64,
+) -> anyhow::Result<()> {
+    let load = mqtt_publisher(&host, port, "load");
+    let probe = mqtt_publisher(&host, port, "probe");
+    let end = now() + duration;
+    // Background load: batches every 10 ms.
+    let loader = tokio::spawn(async move {
+        let per_tick = (rate / 100).max(1);
+        let mut i = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        while now() < end {
+            tick.tick().await;
+            for _ in 0..per_tick {
+                let (topic, body) = frame(i, vehicles);
+                if load.publish(topic, rumqttc::QoS::AtLeastOnce, false, body).await.is_err() {
+                    return i;
+                }
+                i += 1;
+            }
+        }
+        i
+    });
+    let client = reqwest::Client::new();
+    let mut samples = Vec::new();
+    let mut seq = 0u64;
+    let mut timeouts = 0u64;
+    // Give the load a second to settle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    while now() < end {
+        seq += 1;
+        let id = format!("PROBE{:03}", seq % 16);
+        let ts = 1_795_640_400_000i64 + seq as i64 * 1000;
+        let body = format!(r#"{{"vehicle_id":"{id}","ts":{ts},"seq":{seq},"lat":56.1,"lon":10.2}}"#);
+        let started = now();
+        probe.publish(format!("vehicles/{id}/location"), rumqttc::QoS::AtLeastOnce, false, body).await?;
+        let url = format!("{http}/v1/vehicles/{id}");
+        loop {
+            if let Ok(r) = client.get(&url).send().await {
+                if let Ok(v) = r.bytes().await.map(|b| serde_json::from_slice::<serde_json::Value>(&b)) {
+                    let Ok(v) = v else { continue };
+                    if v["location"]["seq"].as_u64() == Some(seq) {
+                        samples.push((now() - started) * 1e3);
+                        break;
+                    }
+                }
+            }
+            if now() - started > 10.0 {
+                timeouts += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = loader.await.unwrap_or(0);
+    samples.sort_by(f64::total_cmp);
+    let pct = |p: f64| samples.get(((samples.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0.0);
+    println!(
+        "latency: load {sent} frames at {rate}/s target ({:.0}/s sent), {} probes, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {timeouts} over 10 s",
+        sent as f64 / duration,
+        samples.len(),
+        pct(0.5),
+        pct(0.99),
+        samples.last().copied().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
 async fn http_null(port: u16) -> anyhow::Result<()> {
     async fn accept(headers: axum::http::HeaderMap, body: axum::body::Bytes) -> String {
         let ndjson = headers
@@ -455,6 +565,9 @@ fn main() -> anyhow::Result<()> {
             }
             Cmd::KafkaConsume { brokers, topic, count } => kafka_consume(&brokers, &topic, count).await,
             Cmd::HttpNull { .. } => Ok(()),
+            Cmd::Latency { host, port, http, rate, vehicles, duration } => {
+                latency(host, port, http, rate, vehicles, duration).await
+            }
             Cmd::ReadLatency { url, vehicles, label } => storage::read_latency(&url, vehicles, &label).await,
             Cmd::PgSink { .. } | Cmd::RedisL2 { .. } => Ok(()),
         }

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Frame→queryable latency under load: fleetpipe behind our own Mosquitto takes a background
+# load of RATE frames/s (MQTT QoS 1, VEHICLES vehicles) while a probe publishes a frame every
+# 20 ms and polls GET /v1/vehicles/{id} until that frame is served; p50/p99/max of publish →
+# visible. Run it at half the capacity `mqtt_ratio.sh` measured (QoS 1) for the headline figure.
+#
+#   load-tests/latency.sh [RATE] [VEHICLES] [SECONDS]   (defaults 45000, 1000, 20)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATE="${1:-45000}"
+VEHICLES="${2:-1000}"
+SECS="${3:-20}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
+export RUST_BACKTRACE=0
+cargo build --release -q -p fleetpipe -p fleetpipe-load
+BIN="$CARGO_TARGET_DIR/release"
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 500); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.02; done; echo "port $1 not open" >&2; return 1; }
+MOSQ="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
+MQTT_PORT="$(free_port)"
+cat > "$WORK/mosquitto.conf" <<CONF
+listener $MQTT_PORT 127.0.0.1
+user root
+allow_anonymous true
+persistence false
+max_queued_messages 0
+max_inflight_messages 0
+max_queued_bytes 0
+log_dest none
+CONF
+"$MOSQ" -c "$WORK/mosquitto.conf" & PIDS+=($!)
+wait_port "$MQTT_PORT"
+HTTP_PORT="$(free_port)"
+FLEETPIPE_MQTT_URL="mqtt://127.0.0.1:$MQTT_PORT" FLEETPIPE_MQTT_CLIENT_ID="fleetpipe-latency-$$" \
+  FLEETPIPE_HTTP_ADDR="127.0.0.1:$HTTP_PORT" FLEETPIPE_DATA_DIR="$WORK/data" RUST_LOG=warn \
+  "$BIN/fleetpipe" run > "$WORK/fleetpipe.log" 2>&1 & fp=$!
+PIDS+=($fp)
+for _ in $(seq 1 500); do curl -sf "http://127.0.0.1:$HTTP_PORT/ready" >/dev/null && break; sleep 0.02; done
+"$BIN/fleetpipe-load" latency --port "$MQTT_PORT" --http "http://127.0.0.1:$HTTP_PORT" \
+  --rate "$RATE" --vehicles "$VEHICLES" --duration "$SECS"
+echo "fleetpipe peak RSS: $(( $(awk '/VmHWM/{print $2}' "/proc/$fp/status") / 1024 )) MiB"
