@@ -312,7 +312,7 @@ pub(crate) fn parquet_bench(rows: u64, rounds: usize) -> anyhow::Result<()> {
     use parquet::basic::{Compression, ZstdLevel};
     use parquet::file::properties::WriterProperties;
     // Within one hour, so that the sink writes one file too.
-    let start_ms = 1_795_640_400_000 - 1_795_640_400_000 % 3_600_000;
+    let start_ms = 1_795_640_400_000; // 2026-11-25T21:00:00Z, on the hour
     let all = frames(rows, 1000, start_ms);
     let chunks: Vec<&[Frame]> = all.chunks(8192).collect();
     let batches: Vec<SinkBatch> = chunks
