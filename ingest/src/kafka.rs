@@ -298,6 +298,8 @@ pub async fn run(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut entry_no = 0u64;
     let mut last_store = Instant::now();
+    let mut store_tick = tokio::time::interval(Duration::from_millis(200));
+    store_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Duration::from_millis(100);
     let batch = cfg.batch_messages.max(1);
     loop {
@@ -305,6 +307,11 @@ pub async fn run(
         let first = tokio::select! {
             biased;
             () = &mut shutdown => break,
+            // Watermarks move as entries become durable, traffic or not: store them.
+            _ = store_tick.tick() => {
+                store(consumer.as_ref(), &cfg.topic, &tracker.take_committable(None));
+                continue;
+            }
             m = consumer.recv() => m,
         };
         let mut msgs = match first {
