@@ -120,3 +120,51 @@ async fn the_drive_produced_by_another_client_lands_in_parquet_and_the_clean_top
     running.stop().await.unwrap();
     assert_eq!(committed(), ends);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protobuf_record_is_decoded_like_json() {
+    use fleetpipe_processors::{Body, Frame, Location};
+    let tansu = Tansu::start();
+    let brokers = tansu.brokers();
+    kafka_client(&["create", &brokers, "vehicle-frames", "1"]);
+    let ts = 1_795_640_400_250_000i64; // 2026-11-25T21:00:00.250Z
+    let frames: Vec<Frame> = (1..=3u64)
+        .map(|seq| Frame {
+            vehicle_id: "PB-1".into(),
+            ts: ts + seq as i64 * 1_000_000,
+            seq,
+            received_at: 0,
+            body: Body::Location(Location {
+                lat: 56.1 + seq as f64 * 1e-4,
+                lon: 10.2,
+                speed_kmh: Some(33.8),
+                ..Location::default()
+            }),
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("batch.pb");
+    std::fs::write(&file, fleetpipe_processors::codec::encode_protobuf(&frames)).unwrap();
+    kafka_client(&["produce-raw", &brokers, "vehicle-frames", "PB-1", file.to_str().unwrap()]);
+
+    let mut cfg = kafka_config(dir.path(), &brokers, &format!("fleetpipe-{}", unique()));
+    cfg.kafka.clean_topic = String::new();
+    cfg.kafka.dlq_topic = String::new();
+    let running = start(cfg).await;
+    let mut rows = wait_for("the Protobuf frames in Parquet", Duration::from_secs(60), || {
+        let rows = read_parquet(dir.path(), "locations");
+        (rows.len() >= frames.len()).then_some(rows)
+    })
+    .await;
+    running.stop().await.unwrap();
+    rows.sort_by_key(|r| r["seq"].as_i64());
+    assert_eq!(rows.len(), frames.len());
+    for (row, sent) in rows.iter().zip(&frames) {
+        let Body::Location(l) = &sent.body else { unreachable!() };
+        assert_eq!(row["vehicle_id"], "PB-1");
+        assert_eq!(row["seq"].as_i64().unwrap() as u64, sent.seq);
+        assert_eq!(row["ts"].as_i64().unwrap(), sent.ts);
+        assert_eq!(row["lat"].as_f64().unwrap(), l.lat);
+        assert_eq!(row["speed_kmh"].as_f64().unwrap(), 33.8);
+    }
+}

@@ -2,6 +2,7 @@
 
     kafka_client.py create BROKERS TOPIC PARTITIONS
     kafka_client.py produce BROKERS TOPIC FILE       # one record per line; key = the line's vehicle_id
+    kafka_client.py produce-raw BROKERS TOPIC KEY FILE  # the whole file as one record
     kafka_client.py consume BROKERS TOPIC COUNT SECS # prints COUNT records as JSON lines, then exits
     kafka_client.py committed BROKERS GROUP TOPIC    # prints {"partition": committed offset, ...}
 """
@@ -46,6 +47,15 @@ def produce(brokers, topic, path):
     print(n)
 
 
+def produce_raw(brokers, topic, key, path):
+    p = Producer({"bootstrap.servers": brokers, "enable.idempotence": True})
+    failed = []
+    with open(path, "rb") as f:
+        p.produce(topic, key=key, value=f.read(), on_delivery=lambda err, _m: err and failed.append(str(err)))
+    if p.flush(60) != 0 or failed:
+        sys.exit(f"not delivered: {failed}")
+
+
 def consume(brokers, topic, count, secs):
     c = Consumer({"bootstrap.servers": brokers, "group.id": f"test-reader-{uuid.uuid4()}",
                   "auto.offset.reset": "earliest", "enable.auto.commit": False})
@@ -84,7 +94,7 @@ def committed(brokers, group, topic):
 
 if __name__ == "__main__":
     try:
-        {"create": create, "produce": produce, "consume": consume,
+        {"create": create, "produce": produce, "produce-raw": produce_raw, "consume": consume,
          "committed": committed}[sys.argv[1]](*sys.argv[2:])
     except KafkaException as e:
         sys.exit(f"kafka: {e}")
