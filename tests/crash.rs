@@ -33,17 +33,6 @@ fn write_config(
     path
 }
 
-async fn pg() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(
-        "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    client
-}
-
 /// Publishes the drive slowly enough that a stop lands mid-stream.
 fn publish_drive(port: u16) -> tokio::task::JoinHandle<Publisher> {
     tokio::spawn(async move {

@@ -100,19 +100,9 @@ async fn the_drive_produced_by_another_client_lands_in_parquet_and_the_clean_top
     assert!(dlq.iter().all(|r| r["headers"]["source"] == "kafka"));
 
     // The group commits the end of every input partition while running (watermarks are
-    // stored on a timer, traffic or not), and still has it after the drain. (Ends are read from
-    // the records themselves: tansu's in-memory ListOffsets does not report high watermarks.)
-    let mut ends: BTreeMap<String, i64> = BTreeMap::new();
-    for r in kafka_records(&brokers, "vehicle-frames", produced, 30) {
-        let end = ends.entry(r["partition"].to_string()).or_default();
-        *end = (*end).max(r["offset"].as_i64().unwrap() + 1);
-    }
-    let committed = || {
-        let mut c: BTreeMap<String, i64> =
-            serde_json::from_str(&kafka_client(&["committed", &brokers, &group, "vehicle-frames"])).unwrap();
-        c.retain(|_, offset| *offset >= 0); // an empty partition has nothing to commit
-        c
-    };
+    // stored on a timer, traffic or not), and still has it after the drain.
+    let ends = kafka_ends(&brokers, "vehicle-frames", produced);
+    let committed = || kafka_committed(&brokers, &group, "vehicle-frames");
     wait_for("the end committed while running", Duration::from_secs(30), || {
         (committed() == ends).then_some(())
     })

@@ -44,17 +44,6 @@ fn simulate(brokers: &str, secs: &str) -> u64 {
     text.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("summary: {text}"))
 }
 
-async fn pg() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(
-        "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    client
-}
-
 /// (rows, distinct identities) over both tables.
 async fn pg_counts(client: &tokio_postgres::Client, schema: &str) -> (i64, i64) {
     let sql = format!(
@@ -139,19 +128,8 @@ async fn kill_9_mid_stream_and_restart_stores_every_record_once() {
     let port = free_port();
     let config = write_config(dir.path(), port, &brokers, &group, &schema, "fleetpipe-crash");
     let records = 30_000usize;
-    let base = 1_795_132_800_000i64; // 2026-11-20T00:00:00Z
-    let lines: Vec<String> = (0..records)
-        .map(|n| {
-            format!(
-                r#"{{"vehicle_id":"KC-{:03}","ts":{},"seq":{n},"kind":"location","lat":{},"lon":10.2}}"#,
-                n % 100,
-                base + n as i64 * 100,
-                56.0 + (n % 1000) as f64 * 1e-4
-            )
-        })
-        .collect();
     let input = dir.path().join("input.ndjson");
-    std::fs::write(&input, lines.join("\n")).unwrap();
+    write_location_lines(&input, "KC", records);
     kafka_client(&["produce", &brokers, "vehicle-frames", input.to_str().unwrap()]);
 
     // Killed once part of the topic is durable, before all of it is.

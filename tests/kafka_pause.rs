@@ -7,19 +7,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
 
 const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres";
 const RECORDS: usize = 60_000;
-
-async fn connect(conninfo: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client
-}
 
 async fn metrics_text(addr: std::net::SocketAddr) -> String {
     http_get(addr, "/metrics").await.1.as_str().unwrap().to_string()
@@ -34,7 +27,7 @@ async fn a_stalled_sink_pauses_the_consumer_which_resumes_by_itself_and_loses_no
     let brokers = tansu.brokers();
     kafka_client(&["create", &brokers, "vehicle-frames", "2"]);
     let name = format!("fp_kpause_{}", unique().replace('-', "_"));
-    let admin = connect(ADMIN).await;
+    let admin = pg_connect(ADMIN).await;
     admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
@@ -59,18 +52,7 @@ async fn a_stalled_sink_pauses_the_consumer_which_resumes_by_itself_and_loses_no
         .await
         .unwrap();
     let input = dir.path().join("input.ndjson");
-    let base = 1_795_132_800_000i64; // 2026-11-20T00:00:00Z
-    let lines: Vec<String> = (0..RECORDS)
-        .map(|n| {
-            format!(
-                r#"{{"vehicle_id":"KP-{:03}","ts":{},"seq":{n},"kind":"location","lat":{},"lon":10.2}}"#,
-                n % 100,
-                base + n as i64 * 100,
-                56.0 + (n % 1000) as f64 * 1e-4
-            )
-        })
-        .collect();
-    std::fs::write(&input, lines.join("\n")).unwrap();
+    write_location_lines(&input, "KP", RECORDS);
     kafka_client(&["produce", &brokers, "vehicle-frames", input.to_str().unwrap()]);
 
     // The log fills, the intake fills: the partitions are paused, the rest waits in Kafka.
@@ -95,7 +77,7 @@ async fn a_stalled_sink_pauses_the_consumer_which_resumes_by_itself_and_loses_no
 
     // Postgres is back: the consumer resumes by itself, every record lands once.
     admin.batch_execute(&format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")).await.unwrap();
-    let db = connect(&format!("host=127.0.0.1 port=5432 user=postgres dbname={name}")).await;
+    let db = pg_connect(&format!("host=127.0.0.1 port=5432 user=postgres dbname={name}")).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let (rows, distinct) = loop {
         let counts = db
@@ -125,14 +107,8 @@ async fn a_stalled_sink_pauses_the_consumer_which_resumes_by_itself_and_loses_no
     assert_eq!(metric(&metrics_text(addr).await, "fleetpipe_kafka_paused"), 0.0);
     running.stop().await.unwrap();
 
-    let mut ends: BTreeMap<String, i64> = BTreeMap::new();
-    for r in kafka_records(&brokers, "vehicle-frames", RECORDS, 60) {
-        let end = ends.entry(r["partition"].to_string()).or_default();
-        *end = (*end).max(r["offset"].as_i64().unwrap() + 1);
-    }
-    let mut committed: BTreeMap<String, i64> =
-        serde_json::from_str(&kafka_client(&["committed", &brokers, &group, "vehicle-frames"])).unwrap();
-    committed.retain(|_, offset| *offset >= 0);
+    let ends = kafka_ends(&brokers, "vehicle-frames", RECORDS);
+    let committed = kafka_committed(&brokers, &group, "vehicle-frames");
     assert_eq!(committed, ends, "the group committed the end of the topic");
 
     drop(db);

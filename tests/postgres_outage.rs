@@ -15,12 +15,6 @@ use serde_json::json;
 const ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres";
 const FRAMES_PER_POST: u64 = 500;
 
-async fn connect(conninfo: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client
-}
-
 /// `FRAMES_PER_POST` location frames of 50 vehicles, numbered from `post * FRAMES_PER_POST`.
 fn body(post: u64) -> Vec<u8> {
     let base = 1_795_132_800_000i64; // 2026-11-20T00:00:00Z
@@ -47,9 +41,9 @@ async fn stored_seqs(db: &tokio_postgres::Client) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_is_absorbed_by_the_log_then_pushed_back_and_every_acked_frame_lands_once() {
     let name = format!("fp_outage_{}", unique().replace('-', "_"));
-    let admin = connect(ADMIN).await;
+    let admin = pg_connect(ADMIN).await;
     admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    let db = connect(&format!("host=127.0.0.1 port=5432 user=postgres dbname={name}")).await;
+    let db = pg_connect(&format!("host=127.0.0.1 port=5432 user=postgres dbname={name}")).await;
 
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path(), None);
@@ -121,7 +115,7 @@ async fn a_postgres_outage_is_absorbed_by_the_log_then_pushed_back_and_every_ack
     let (status, resp) = http_post(addr, body(retry_after), "application/json").await;
     assert_eq!(status, 200, "the refused post, retried: {resp}");
     acked.extend((retry_after * FRAMES_PER_POST) as i64..((retry_after + 1) * FRAMES_PER_POST) as i64);
-    let db = connect(&format!("host=127.0.0.1 port=5432 user=postgres dbname={name}")).await;
+    let db = pg_connect(&format!("host=127.0.0.1 port=5432 user=postgres dbname={name}")).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let mut stored = stored_seqs(&db).await;
     while stored.len() < acked.len() {

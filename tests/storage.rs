@@ -10,15 +10,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-const PG: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres";
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
-
-async fn pg() -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(PG, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
-    client
-}
 
 fn storage_config(dir: &std::path::Path, schema: &str, prefix: &str) -> fleetpipe::config::Config {
     let mut cfg = test_config(dir, None);

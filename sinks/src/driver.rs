@@ -154,7 +154,9 @@ pub fn spawn(sink: Box<dyn Sink>, cfg: DriverConfig, backlog: Arc<dyn Backlog>) 
         .name(format!("sink-{name}"))
         .spawn(move || {
             let written = sink.durable_lsn();
-            let mut driver = Driver { name, sink, written, durable: &shared, last_flush: Instant::now() };
+            let write_seconds = metrics::histogram!("fleetpipe_sink_write_seconds", "sink" => name);
+            let mut driver =
+                Driver { name, sink, written, durable: &shared, last_flush: Instant::now(), write_seconds };
             let result = driver.run(rx, &lag, backlog.as_ref(), &cfg);
             still.store(false, Ordering::Release);
             result
@@ -176,6 +178,7 @@ struct Driver<'a> {
     written: Lsn,
     durable: &'a AtomicU64,
     last_flush: Instant,
+    write_seconds: metrics::Histogram,
 }
 
 impl Driver<'_> {
@@ -231,11 +234,10 @@ impl Driver<'_> {
         if batch.lsn <= self.written {
             return Ok(()); // already read from the log while catching up
         }
-        let write_seconds = metrics::histogram!("fleetpipe_sink_write_seconds", "sink" => name);
         retry(name, "write", || {
             let started = Instant::now();
             let result = self.sink.write(batch);
-            write_seconds.record(started.elapsed().as_secs_f64());
+            self.write_seconds.record(started.elapsed().as_secs_f64());
             result
         })?;
         self.written = batch.lsn;

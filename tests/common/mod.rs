@@ -299,6 +299,54 @@ impl Drop for Fleetpipe {
     }
 }
 
+/// A Postgres client on `conninfo` (`host=… dbname=…`), its connection driven in the background.
+pub async fn pg_connect(conninfo: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// The machine's Postgres, database `postgres`.
+pub async fn pg() -> tokio_postgres::Client {
+    pg_connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres").await
+}
+
+/// Writes `n` location frames (NDJSON) of 100 vehicles `{prefix}-000`… with seq 0..n, 100 ms
+/// apart from 2026-11-20T00:00:00Z.
+pub fn write_location_lines(path: &Path, prefix: &str, n: usize) {
+    let base = 1_795_132_800_000i64; // 2026-11-20T00:00:00Z
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"vehicle_id":"{prefix}-{:03}","ts":{},"seq":{i},"kind":"location","lat":{},"lon":10.2}}"#,
+                i % 100,
+                base + i as i64 * 100,
+                56.0 + (i % 1000) as f64 * 1e-4
+            )
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+/// The end offset of every non-empty partition of `topic`, read from its `records` records
+/// (tansu's in-memory ListOffsets does not report high watermarks).
+pub fn kafka_ends(brokers: &str, topic: &str, records: usize) -> BTreeMap<String, i64> {
+    let mut ends: BTreeMap<String, i64> = BTreeMap::new();
+    for r in kafka_records(brokers, topic, records, 30) {
+        let end = ends.entry(r["partition"].to_string()).or_default();
+        *end = (*end).max(r["offset"].as_i64().unwrap() + 1);
+    }
+    ends
+}
+
+/// The offsets `group` committed on `topic` (partitions without a commit left out).
+pub fn kafka_committed(brokers: &str, group: &str, topic: &str) -> BTreeMap<String, i64> {
+    let mut c: BTreeMap<String, i64> =
+        serde_json::from_str(&kafka_client(&["committed", brokers, group, topic])).unwrap();
+    c.retain(|_, offset| *offset >= 0);
+    c
+}
+
 /// A config for tests: everything on free ports under `dir`, files rolled quickly.
 pub fn test_config(dir: &Path, mqtt_url: Option<String>) -> Config {
     let mut cfg = Config { data_dir: dir.to_path_buf(), ..Config::default() };
