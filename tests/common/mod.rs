@@ -530,8 +530,24 @@ pub fn assert_locations_equal(rows: &[BTreeMap<String, Value>], frames: &[Value]
 }
 
 /// Starts fleetpipe in-process.
-pub async fn start(cfg: Config) -> fleetpipe::app::Running {
-    let running = fleetpipe::app::start(cfg).await.unwrap();
+/// Should another test take the embedded broker's free port between `free_port` and the bind,
+/// another port is tried (the broker is the first thing started, so nothing is left behind).
+pub async fn start(mut cfg: Config) -> fleetpipe::app::Running {
+    let mut attempts = 0;
+    let running = loop {
+        match fleetpipe::app::start(cfg.clone()).await {
+            Ok(r) => break r,
+            Err(e)
+                if cfg.mqtt.url.is_none()
+                    && attempts < 5
+                    && format!("{e:#}").contains("embedded MQTT broker") =>
+            {
+                attempts += 1;
+                cfg.mqtt.listen = ([127, 0, 0, 1], free_port()).into();
+            }
+            Err(e) => panic!("fleetpipe did not start: {e:#}"),
+        }
+    };
     let http = running.http_addr;
     wait_for("fleetpipe ready", Duration::from_secs(30), || {
         let ok = std::net::TcpStream::connect(http).is_ok() && running.is_subscribed();
