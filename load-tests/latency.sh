@@ -42,4 +42,8 @@ PIDS+=($fp)
 for _ in $(seq 1 500); do curl -sf "http://127.0.0.1:$HTTP_PORT/ready" >/dev/null && break; sleep 0.02; done
 "$BIN/fleetpipe-load" latency --port "$MQTT_PORT" --http "http://127.0.0.1:$HTTP_PORT" \
   --rate "$RATE" --vehicles "$VEHICLES" --duration "$SECS"
+# What fleetpipe made durable while the load ran, against what was offered: past saturation the
+# rest waits in the broker (acks withheld), it is not dropped.
+durable=$(curl -sf "http://127.0.0.1:$HTTP_PORT/metrics" | awk '$1=="fleetpipe_frames_written_total{sink=\"wal\"}" {print $2}')
+echo "fleetpipe: ${durable:-0} frames durable in ${SECS} s ($(( ${durable:-0} / SECS ))/s)"
 echo "fleetpipe peak RSS: $(( $(awk '/VmHWM/{print $2}' "/proc/$fp/status") / 1024 )) MiB"

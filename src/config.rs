@@ -185,8 +185,9 @@ pub struct WalSection {
     pub max_mib: u64,
     /// Most entries in one group commit (one fsync).
     pub group_entries: usize,
-    /// How long a group commit waits for more entries after the first (milliseconds): fewer,
-    /// larger fsyncs and batches, for that much more time-to-ack.
+    /// How long a group commit waits at most for more entries after the first (milliseconds):
+    /// fewer, larger fsyncs and batches, for up to that much more time-to-ack. It stops waiting
+    /// as soon as an eighth of it passes with nothing new.
     pub group_linger_ms: f64,
 }
 

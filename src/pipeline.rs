@@ -286,15 +286,7 @@ impl Writer {
             if rx.blocking_recv_many(&mut batch, group_entries) == 0 {
                 break;
             }
-            if !linger.is_zero() && batch.len() < group_entries {
-                std::thread::sleep(linger);
-                while batch.len() < group_entries {
-                    match rx.try_recv() {
-                        Ok(s) => batch.push(s),
-                        Err(_) => break,
-                    }
-                }
-            }
+            linger_for_more(&mut rx, &mut batch, group_entries, linger);
             metrics::gauge!("fleetpipe_queue_depth", "stage" => "intake")
                 .set((rx.len() + batch.len()) as f64);
             metrics::gauge!("fleetpipe_queue_capacity", "stage" => "intake").set(self.capacity as f64);
@@ -427,6 +419,36 @@ fn ack_when_stored(rx: Receiver<(Lsn, Completion)>, sinks: Vec<(Arc<AtomicU64>, 
                     done(Err(NotDurable::Log("a sink stopped before storing the entry".into())));
                 }
             }
+        }
+    }
+}
+
+/// Lets a group commit gather more entries: up to `linger`, in steps of an eighth of it, for as
+/// long as each step brought new ones. A steady stream (a broker delivering) fills the group for
+/// the whole linger, so fsyncs stay few; a burst that has all arrived (HTTP clients each waiting
+/// for their answer) is committed one quiet step later instead of a whole linger later.
+fn linger_for_more(
+    rx: &mut mpsc::Receiver<Submission>,
+    batch: &mut Vec<Submission>,
+    group_entries: usize,
+    linger: Duration,
+) {
+    if linger.is_zero() {
+        return;
+    }
+    let started = Instant::now();
+    let step = linger / 8;
+    while batch.len() < group_entries && started.elapsed() < linger {
+        std::thread::sleep(step);
+        let before = batch.len();
+        while batch.len() < group_entries {
+            match rx.try_recv() {
+                Ok(s) => batch.push(s),
+                Err(_) => break,
+            }
+        }
+        if batch.len() == before {
+            break;
         }
     }
 }

@@ -49,14 +49,14 @@ impl ReadPath for Tiers {
             }
             count_cache("l1", false);
             if let Some(state) = self.read_l2(id).await {
-                self.l1.fill(id, &state);
+                self.l1.fill(id, &state, fleetpipe_ingest::now_micros());
                 return Ok(Some((Arc::new(state), "l2")));
             }
             let Some(store) = &self.store else { return Ok(None) };
             match store.latest(id).await {
                 Ok(Some(state)) => {
                     count_cache("postgres", true);
-                    self.l1.fill(id, &state);
+                    self.l1.fill(id, &state, fleetpipe_ingest::now_micros());
                     let state = Arc::new(state);
                     if let Some(l2) = self.l2.clone() {
                         // Fill L2 for the other instances, off the request's path.

@@ -56,6 +56,10 @@ enum Cmd {
     L1Bytes {
         #[arg(long, default_value_t = 1_000_000)]
         vehicles: u64,
+        /// Measure moka alone instead: one entry per vehicle, an 8-byte key and no value (what
+        /// a cache of one moka entry per vehicle would cost before any state).
+        #[arg(long)]
+        bare_moka: bool,
     },
     /// The Postgres sink against `psql \copy` of the same rows into the same table.
     PgSink {
@@ -483,6 +487,25 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+fn moka_bytes(vehicles: u64) {
+    let cache: moka::sync::Cache<u64, ()> = moka::sync::Cache::builder()
+        .max_capacity(vehicles + 1)
+        .time_to_idle(Duration::from_secs(3600))
+        .build();
+    let before = rss_bytes();
+    for v in 0..vehicles {
+        cache.insert(v, ());
+    }
+    cache.run_pending_tasks();
+    let held = cache.entry_count();
+    let after = rss_bytes();
+    let per = after.saturating_sub(before) as f64 / held.max(1) as f64;
+    println!(
+        "moka alone: {held} entries, {:.0} MiB resident added, {per:.0} bytes per entry (u64 key, no value)",
+        after.saturating_sub(before) as f64 / 1048576.0
+    );
+}
+
 fn l1_bytes(vehicles: u64) {
     use fleetpipe_processors::{latest::LatestCache, Body, Diagnostic, Frame, Location};
     let cache = LatestCache::new(vehicles + 1, Duration::from_secs(3600));
@@ -563,7 +586,11 @@ fn main() -> anyhow::Result<()> {
                 subscribe(host, port, count, qos, ready_file).await
             }
             Cmd::WaitMetric { url, name, value, timeout } => wait_metric(url, name, value, timeout).await,
-            Cmd::L1Bytes { vehicles } => {
+            Cmd::L1Bytes { vehicles, bare_moka: true } => {
+                moka_bytes(vehicles);
+                Ok(())
+            }
+            Cmd::L1Bytes { vehicles, bare_moka: false } => {
                 l1_bytes(vehicles);
                 Ok(())
             }

@@ -6,13 +6,15 @@
 //! state are tracked separately, each by its own newest `ts` (ties broken by the higher `seq`).
 //!
 //! The cache is bounded by a maximum number of vehicles and an idle TTL. Writes come from the
-//! shard that owns a vehicle, one per vehicle per batch, so a read-compare-write needs no lock.
+//! shard that owns a vehicle, one per vehicle per batch.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use crate::frame::{Body, Frame};
+use crate::frame::{Body, Diagnostic, Dtc, Frame, Location, Micros};
 
 /// What L1 keeps for one vehicle: the newest frame of each kind, shared (a batch that moves one
 /// kind forward does not copy the other).
@@ -45,16 +47,6 @@ impl VehicleState {
         newer
     }
 
-    /// Like [`VehicleState::merge`], for a frame that is already shared.
-    fn merge_shared(&mut self, frame: &Arc<Frame>) -> bool {
-        let slot = self.slot(frame);
-        let newer = is_newer(frame, slot.as_deref());
-        if newer {
-            *slot = Some(frame.clone());
-        }
-        newer
-    }
-
     /// The newest `ts` of either kind.
     pub fn newest_ts(&self) -> Option<i64> {
         let l = self.location.as_ref().map(|f| f.ts);
@@ -64,20 +56,64 @@ impl VehicleState {
 }
 
 /// Bounded L1 cache of latest state, shared by the shards (writers) and the API (readers).
+///
+/// moka spends about 270 bytes of its own on every entry, more than a vehicle's packed state, so
+/// an entry is not a vehicle but a bucket of them: the vehicle id's hash picks one of
+/// `max_vehicles / 16` buckets, and a bucket holds its vehicles packed (the id inline, values as
+/// plain `f64` behind a presence mask). moka bounds and ages the buckets, weighed by the vehicles
+/// they hold; a bucket drops its own vehicles idle past the TTL when it is next written. Idle
+/// time runs on fleetpipe's receive clock (`received_at`, or the time a fill was asked for),
+/// never read here. Writes for one vehicle come from the shard that owns it; a bucket's lock is
+/// held for one vehicle's compare-and-merge, never across moka calls.
 #[derive(Clone)]
 pub struct LatestCache {
-    cache: moka::sync::Cache<Arc<str>, Arc<VehicleState>>,
+    buckets: moka::sync::Cache<u64, Arc<Bucket>>,
+    mask: u64,
+    hasher: std::collections::hash_map::RandomState,
+    idle_secs: u32,
 }
+
+/// Vehicles per bucket at `max_vehicles`: enough to spread moka's per-entry cost thin, few
+/// enough that a linear scan of the bucket is a handful of cache lines.
+const VEHICLES_PER_BUCKET: u64 = 16;
 
 impl LatestCache {
     pub fn new(max_vehicles: u64, idle_ttl: Duration) -> Self {
-        let cache = moka::sync::Cache::builder().max_capacity(max_vehicles).time_to_idle(idle_ttl).build();
-        LatestCache { cache }
+        let nbuckets = (max_vehicles / VEHICLES_PER_BUCKET).max(1).next_power_of_two();
+        let buckets = moka::sync::Cache::builder()
+            .max_capacity(max_vehicles)
+            .weigher(|_: &u64, b: &Arc<Bucket>| b.len())
+            .time_to_idle(idle_ttl)
+            .build();
+        LatestCache {
+            buckets,
+            mask: nbuckets - 1,
+            hasher: std::collections::hash_map::RandomState::new(),
+            idle_secs: u32::try_from(idle_ttl.as_secs()).unwrap_or(u32::MAX).max(1),
+        }
     }
 
-    /// Applies a batch: one lookup and at most one insert per vehicle, not per frame, and a
-    /// copy only of the frames that become latest. Returns how many vehicles moved forward.
+    fn bucket_key(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id) & self.mask
+    }
+
+    /// Folds `frames` into vehicle `id`, touched at `now` (receive-clock seconds); re-weighs the
+    /// bucket in moka when it gained or lost vehicles. Returns whether the vehicle moved forward.
+    fn upsert<'a>(&self, id: &str, now: u32, frames: impl Iterator<Item = &'a Frame>) -> bool {
+        let key = self.bucket_key(id);
+        let bucket = self.buckets.get_with(key, || Arc::new(Bucket::default()));
+        let (changed, resized) = bucket.upsert(id, now, self.idle_secs, frames);
+        if resized {
+            self.buckets.insert(key, bucket);
+        }
+        changed
+    }
+
+    /// Applies a batch: one bucket lookup per vehicle, not per frame, and only the frames that
+    /// become latest are packed. The batch's newest `received_at` is "now" for the idle TTL.
+    /// Returns how many vehicles moved forward.
     pub fn apply(&self, frames: &[Frame]) -> usize {
+        let now = secs(frames.iter().map(|f| f.received_at).max().unwrap_or(0));
         // Newest location and diagnostic per vehicle within the batch.
         let mut newest: HashMap<&str, [Option<&Frame>; 2]> = HashMap::new();
         for f in frames {
@@ -86,62 +122,318 @@ impl LatestCache {
                 *slot = Some(f);
             }
         }
-        let mut moved = 0;
-        for (id, candidates) in newest {
-            let mut state = self.cache.get(id).map(|s| (*s).clone()).unwrap_or_default();
-            let mut changed = false;
-            for f in candidates.into_iter().flatten() {
-                changed |= state.merge(f);
-            }
-            if changed {
-                self.cache.insert(Arc::from(id), Arc::new(state));
-                moved += 1;
-            }
-        }
-        moved
+        newest
+            .into_iter()
+            .filter(|(id, candidates)| self.upsert(id, now, candidates.iter().flatten().copied()))
+            .count()
     }
 
-    /// Puts a state fetched from a lower tier (L2, Postgres) unless L1 already holds newer.
-    pub fn fill(&self, id: &str, state: &VehicleState) {
-        let mut held = self.cache.get(id).map(|s| (*s).clone()).unwrap_or_default();
-        let mut changed = false;
-        for f in state.location.iter().chain(state.diagnostic.iter()) {
-            changed |= held.merge_shared(f);
-        }
-        if changed {
-            self.cache.insert(Arc::from(id), Arc::new(held));
-        }
+    /// Puts a state fetched from a lower tier (L2, Postgres) unless L1 already holds newer;
+    /// `now` (receive-clock microseconds) starts its idle time.
+    pub fn fill(&self, id: &str, state: &VehicleState, now: Micros) {
+        self.upsert(id, secs(now), state.location.iter().chain(state.diagnostic.iter()).map(|f| &**f));
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<VehicleState>> {
-        self.cache.get(id)
+        let bucket = self.buckets.get(&self.bucket_key(id))?;
+        let slots = bucket.slots.read().unwrap_or_else(PoisonError::into_inner);
+        let slot = slots.iter().find(|s| s.id.as_bytes() == id.as_bytes())?;
+        Some(Arc::new(slot.state()))
     }
 
     /// Vehicles whose latest location lies within `radius_m` of (lat, lon), nearest first.
     pub fn near(&self, lat: f64, lon: f64, radius_m: f64, limit: usize) -> Vec<(Arc<VehicleState>, f64)> {
-        let mut hits: Vec<(Arc<VehicleState>, f64)> = self
-            .cache
-            .iter()
-            .filter_map(|(_, state)| {
-                let loc = state.location.as_ref()?;
-                let Body::Location(l) = &loc.body else { return None };
+        let mut hits = Vec::new();
+        for (_, bucket) in self.buckets.iter() {
+            let slots = bucket.slots.read().unwrap_or_else(PoisonError::into_inner);
+            for s in slots.iter() {
+                let Some(l) = &s.location else { continue };
                 let d = haversine_m(lat, lon, l.lat, l.lon);
-                (d <= radius_m).then_some((state, d))
-            })
-            .collect();
+                if d <= radius_m {
+                    hits.push((Arc::new(s.state()), d));
+                }
+            }
+        }
         hits.sort_by(|a, b| a.1.total_cmp(&b.1));
         hits.truncate(limit);
         hits
     }
 
-    /// Vehicles held (approximate, as moka counts).
+    /// Vehicles held (as moka last weighed the buckets).
     pub fn len(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
+        self.buckets.run_pending_tasks();
+        self.buckets.weighted_size()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Microseconds to whole seconds, clamped to `u32`.
+fn secs(us: Micros) -> u32 {
+    u32::try_from(us.div_euclid(1_000_000).max(0)).unwrap_or(u32::MAX)
+}
+
+/// One moka entry: the vehicles whose id hashes here.
+#[derive(Default)]
+struct Bucket {
+    slots: RwLock<Vec<Slot>>,
+    /// When idle vehicles were last dropped (receive-clock seconds).
+    pruned_at: AtomicU32,
+}
+
+impl Bucket {
+    fn len(&self) -> u32 {
+        u32::try_from(self.slots.read().unwrap_or_else(PoisonError::into_inner).len()).unwrap_or(u32::MAX)
+    }
+
+    /// Returns (whether vehicle `id` moved forward, whether the bucket's vehicle count changed).
+    fn upsert<'a>(
+        &self,
+        id: &str,
+        now: u32,
+        idle: u32,
+        frames: impl Iterator<Item = &'a Frame>,
+    ) -> (bool, bool) {
+        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+        let before = slots.len();
+        if now.saturating_sub(self.pruned_at.load(Ordering::Relaxed)) >= (idle / 4).max(1) {
+            slots.retain(|s| now.saturating_sub(s.touched) <= idle);
+            self.pruned_at.store(now, Ordering::Relaxed);
+        }
+        let i = match slots.iter().position(|s| s.id.as_bytes() == id.as_bytes()) {
+            Some(i) => i,
+            None => {
+                // Grow by an eighth, not double: the slack is paid by every bucket.
+                if slots.len() == slots.capacity() {
+                    let more = (slots.len() / 8).max(1);
+                    slots.reserve_exact(more);
+                }
+                slots.push(Slot::new(id, now));
+                slots.len() - 1
+            }
+        };
+        let slot = &mut slots[i];
+        slot.touched = slot.touched.max(now);
+        let mut changed = false;
+        for f in frames {
+            changed |= slot.merge(f);
+        }
+        (changed, slots.len() != before)
+    }
+}
+
+/// One vehicle's latest state, packed.
+struct Slot {
+    id: VehicleId,
+    /// Newest receive time of its frames or fill (seconds), for the idle TTL.
+    touched: u32,
+    location: Option<PackedLocation>,
+    diagnostic: Option<PackedDiagnostic>,
+}
+
+impl Slot {
+    fn new(id: &str, now: u32) -> Self {
+        Slot { id: VehicleId::new(id), touched: now, location: None, diagnostic: None }
+    }
+
+    fn merge(&mut self, f: &Frame) -> bool {
+        let stamp = Stamp { ts: f.ts, seq: f.seq, received_at: f.received_at };
+        let held = match &f.body {
+            Body::Location(_) => self.location.as_ref().map(|l| &l.stamp),
+            Body::Diagnostic(_) => self.diagnostic.as_ref().map(|d| &d.stamp),
+        };
+        if held.is_some_and(|h| (f.ts, f.seq) <= (h.ts, h.seq)) {
+            return false;
+        }
+        match &f.body {
+            Body::Location(l) => self.location = Some(PackedLocation::pack(stamp, l)),
+            Body::Diagnostic(d) => self.diagnostic = Some(PackedDiagnostic::pack(stamp, d)),
+        }
+        true
+    }
+
+    fn state(&self) -> VehicleState {
+        let frame = |stamp: &Stamp, body: Body| {
+            Arc::new(Frame {
+                vehicle_id: self.id.as_str().to_owned(),
+                ts: stamp.ts,
+                seq: stamp.seq,
+                received_at: stamp.received_at,
+                body,
+            })
+        };
+        VehicleState {
+            location: self.location.as_ref().map(|l| frame(&l.stamp, Body::Location(l.unpack()))),
+            diagnostic: self
+                .diagnostic
+                .as_ref()
+                .map(|d| frame(&d.stamp, Body::Diagnostic(Box::new(d.unpack())))),
+        }
+    }
+}
+
+/// A vehicle id held inline when it is short (a VIN is 17 characters), boxed otherwise.
+enum VehicleId {
+    Inline { len: u8, bytes: [u8; VehicleId::INLINE] },
+    Boxed(Box<str>),
+}
+
+impl VehicleId {
+    const INLINE: usize = 22;
+
+    fn new(id: &str) -> Self {
+        match u8::try_from(id.len()) {
+            Ok(len) if id.len() <= Self::INLINE => {
+                let mut bytes = [0; Self::INLINE];
+                bytes[..id.len()].copy_from_slice(id.as_bytes());
+                VehicleId::Inline { len, bytes }
+            }
+            _ => VehicleId::Boxed(id.into()),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            VehicleId::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            VehicleId::Boxed(s) => s.as_bytes(),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Inline bytes are a whole `&str` copied, so always UTF-8.
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Stamp {
+    ts: i64,
+    seq: u64,
+    received_at: i64,
+}
+
+/// Sets bit `i` of `present` and `vals[i]` when `v` is `Some`.
+fn put(vals: &mut [f64], present: &mut u16, i: usize, v: Option<f64>) {
+    if let Some(v) = v {
+        vals[i] = v;
+        *present |= 1 << i;
+    }
+}
+
+fn take(vals: &[f64], present: u16, i: usize) -> Option<f64> {
+    (present & (1 << i) != 0).then(|| vals[i])
+}
+
+struct PackedLocation {
+    stamp: Stamp,
+    lat: f64,
+    lon: f64,
+    /// speed_kmh, heading_deg, alt_m, accuracy_m, odometer_m.
+    vals: [f64; 5],
+    satellites: u32,
+    /// Bits 0–4: `vals`; 5: satellites; 6: ignition.
+    present: u16,
+    ignition: bool,
+}
+
+impl PackedLocation {
+    fn pack(stamp: Stamp, l: &Location) -> Self {
+        let (mut vals, mut present) = ([0.0; 5], 0u16);
+        for (i, v) in
+            [l.speed_kmh, l.heading_deg, l.alt_m, l.accuracy_m, l.odometer_m].into_iter().enumerate()
+        {
+            put(&mut vals, &mut present, i, v);
+        }
+        if l.satellites.is_some() {
+            present |= 1 << 5;
+        }
+        if l.ignition.is_some() {
+            present |= 1 << 6;
+        }
+        PackedLocation {
+            stamp,
+            lat: l.lat,
+            lon: l.lon,
+            vals,
+            satellites: l.satellites.unwrap_or(0),
+            present,
+            ignition: l.ignition.unwrap_or(false),
+        }
+    }
+
+    fn unpack(&self) -> Location {
+        let v = |i| take(&self.vals, self.present, i);
+        Location {
+            lat: self.lat,
+            lon: self.lon,
+            speed_kmh: v(0),
+            heading_deg: v(1),
+            alt_m: v(2),
+            accuracy_m: v(3),
+            odometer_m: v(4),
+            satellites: (self.present & (1 << 5) != 0).then_some(self.satellites),
+            ignition: (self.present & (1 << 6) != 0).then_some(self.ignition),
+        }
+    }
+}
+
+/// A diagnostic's DTCs and signals.
+type DiagExtra = (Option<Vec<Dtc>>, Option<String>);
+
+struct PackedDiagnostic {
+    stamp: Stamp,
+    /// engine_rpm, coolant_temp_c, engine_load_pct, fuel_level_pct, battery_soc_pct, battery_v,
+    /// engine_hours, odometer_m.
+    vals: [f64; 8],
+    /// Bits 0–7: `vals`; 8: mil_on.
+    present: u16,
+    mil_on: bool,
+    /// DTCs and signals, boxed: most frames carry neither.
+    extra: Option<Box<DiagExtra>>,
+}
+
+impl PackedDiagnostic {
+    fn pack(stamp: Stamp, d: &Diagnostic) -> Self {
+        let (mut vals, mut present) = ([0.0; 8], 0u16);
+        let all = [
+            d.engine_rpm,
+            d.coolant_temp_c,
+            d.engine_load_pct,
+            d.fuel_level_pct,
+            d.battery_soc_pct,
+            d.battery_v,
+            d.engine_hours,
+            d.odometer_m,
+        ];
+        for (i, v) in all.into_iter().enumerate() {
+            put(&mut vals, &mut present, i, v);
+        }
+        if d.mil_on.is_some() {
+            present |= 1 << 8;
+        }
+        let extra =
+            (d.dtcs.is_some() || d.signals.is_some()).then(|| Box::new((d.dtcs.clone(), d.signals.clone())));
+        PackedDiagnostic { stamp, vals, present, mil_on: d.mil_on.unwrap_or(false), extra }
+    }
+
+    fn unpack(&self) -> Diagnostic {
+        let v = |i| take(&self.vals, self.present, i);
+        let (dtcs, signals) = self.extra.as_deref().cloned().unwrap_or_default();
+        Diagnostic {
+            engine_rpm: v(0),
+            coolant_temp_c: v(1),
+            engine_load_pct: v(2),
+            fuel_level_pct: v(3),
+            battery_soc_pct: v(4),
+            battery_v: v(5),
+            engine_hours: v(6),
+            odometer_m: v(7),
+            mil_on: (self.present & (1 << 8) != 0).then_some(self.mil_on),
+            dtcs,
+            signals,
+        }
     }
 }
 
@@ -157,7 +449,6 @@ pub fn haversine_m(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{Diagnostic, Location};
 
     fn loc(v: &str, ts: i64, lat: f64) -> Frame {
         Frame {
@@ -204,5 +495,129 @@ mod tests {
             hits.iter().filter_map(|(s, _)| s.location.as_ref().map(|f| f.vehicle_id.as_str())).collect();
         assert_eq!(ids, vec!["here", "near"]);
         assert!((hits[1].1 - 11.1).abs() < 0.2, "distance {}", hits[1].1);
+    }
+
+    fn full_diag(v: &str, ts: i64) -> Frame {
+        Frame {
+            vehicle_id: v.into(),
+            ts,
+            seq: 7,
+            received_at: ts + 3,
+            body: Body::Diagnostic(Box::new(Diagnostic {
+                engine_rpm: Some(2150.5),
+                coolant_temp_c: Some(-4.25),
+                engine_load_pct: Some(0.0),
+                fuel_level_pct: Some(61.5),
+                battery_soc_pct: Some(99.9),
+                battery_v: Some(12.61),
+                engine_hours: Some(1234.5),
+                odometer_m: Some(98_765_432.1),
+                mil_on: Some(false),
+                dtcs: Some(vec![Dtc::Obd("P0301".into()), Dtc::J1939 { spn: 100, fmi: 1, oc: 3, sa: 0 }]),
+                signals: Some(r#"{"Vehicle.X":1}"#.into()),
+            })),
+        }
+    }
+
+    #[test]
+    fn packed_state_reads_back_exactly() {
+        let c = LatestCache::new(100, Duration::from_secs(60));
+        let long_id = "V".repeat(64);
+        let full_loc = Frame {
+            vehicle_id: long_id.clone(),
+            ts: 1_795_640_400_250_000,
+            seq: u64::MAX,
+            received_at: -1,
+            body: Body::Location(Location {
+                lat: -33.868_820_123,
+                lon: 151.209_296_456,
+                speed_kmh: Some(0.1),
+                heading_deg: Some(359.99),
+                alt_m: Some(-12.5),
+                accuracy_m: Some(3.2),
+                satellites: Some(0),
+                odometer_m: Some(1e9 + 0.3),
+                ignition: Some(false),
+            }),
+        };
+        let bare_diag = Frame {
+            vehicle_id: "short".into(),
+            ts: 9,
+            seq: 0,
+            received_at: 10,
+            body: Body::Diagnostic(Box::new(Diagnostic { dtcs: Some(vec![]), ..Default::default() })),
+        };
+        let frames = [full_loc.clone(), full_diag(&long_id, 5), loc("short", 8, 1.0), bare_diag.clone()];
+        c.apply(&frames);
+        let long = c.get(&long_id).expect("long id held");
+        assert_eq!(long.location.as_deref(), Some(&full_loc));
+        assert_eq!(long.diagnostic.as_deref(), Some(&full_diag(&long_id, 5)));
+        let short = c.get("short").expect("short id held");
+        assert_eq!(short.location.as_deref(), Some(&loc("short", 8, 1.0)));
+        assert_eq!(short.diagnostic.as_deref(), Some(&bare_diag));
+        assert!(c.get("shor").is_none());
+    }
+
+    #[test]
+    fn many_vehicles_share_buckets_without_mixing_them_up() {
+        // 16 vehicles at most: one bucket for all.
+        let c = LatestCache::new(16, Duration::from_secs(60));
+        let frames: Vec<Frame> = (0..16).map(|i| loc(&format!("v{i}"), i, f64::from(i as u8))).collect();
+        assert_eq!(c.apply(&frames), 16);
+        assert_eq!(c.len(), 16);
+        for i in 0..16 {
+            let s = c.get(&format!("v{i}")).expect("held");
+            assert_eq!(s.location.as_deref(), Some(&frames[i as usize]));
+        }
+        // A fill with older state moves nothing; with newer state, it does.
+        let older = VehicleState { location: Some(Arc::new(loc("v3", 1, 9.0))), diagnostic: None };
+        c.fill("v3", &older, 0);
+        assert_eq!(c.get("v3").and_then(|s| s.location.as_ref().map(|f| f.ts)), Some(3));
+        let newer = VehicleState { location: Some(Arc::new(loc("v3", 99, 9.0))), diagnostic: None };
+        c.fill("v3", &newer, 0);
+        assert_eq!(c.get("v3").and_then(|s| s.location.as_ref().map(|f| f.ts)), Some(99));
+    }
+
+    #[test]
+    fn the_cache_stays_within_max_vehicles() {
+        let c = LatestCache::new(256, Duration::from_secs(60));
+        for round in 0..20 {
+            let frames: Vec<Frame> = (0..500).map(|i| loc(&format!("r{round}v{i}"), 1, 1.0)).collect();
+            c.apply(&frames);
+        }
+        let held = c.len();
+        assert!(held > 0 && held <= 256, "held {held}");
+    }
+
+    #[test]
+    fn vehicles_idle_past_the_ttl_by_the_receive_clock_are_dropped() {
+        // One bucket (16 vehicles at most), a 60 s idle TTL.
+        let c = LatestCache::new(16, Duration::from_secs(60));
+        c.apply(&[loc("parked", 1, 1.0)]);
+        let mut moving = loc("moving", 2, 1.0);
+        moving.received_at = 30_000_000;
+        c.apply(&[moving.clone()]);
+        assert!(c.get("parked").is_some(), "30 s idle is within the TTL");
+        moving.received_at = 61_000_000;
+        moving.ts = 3;
+        c.apply(&[moving]);
+        assert!(c.get("parked").is_none(), "61 s idle is past the TTL");
+        assert_eq!(c.len(), 1);
+        // A fill starts the idle time at the time given.
+        let parked = VehicleState { location: Some(Arc::new(loc("parked", 1, 1.0))), diagnostic: None };
+        c.fill("parked", &parked, 62_000_000);
+        assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn a_bucket_drops_vehicles_idle_past_the_ttl_when_written() {
+        let b = Bucket::default();
+        let f = loc("a", 1, 1.0);
+        assert_eq!(b.upsert("a", 0, 10, [&f].into_iter()), (true, true));
+        assert_eq!(b.upsert("b", 5, 10, [&loc("b", 1, 1.0)].into_iter()), (true, true));
+        // At 12 s, "a" (touched at 0) is idle past 10 s: dropped; "b" stays.
+        assert_eq!(b.upsert("b", 12, 10, [&loc("b", 2, 1.0)].into_iter()), (true, true));
+        assert_eq!(b.len(), 1);
+        assert!(b.slots.read().expect("lock").iter().all(|s| s.id.as_str() == "b"));
     }
 }
