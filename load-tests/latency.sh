@@ -5,6 +5,9 @@
 # visible. Run it at half the capacity `mqtt_ratio.sh` measured (QoS 1) for the headline figure.
 #
 #   load-tests/latency.sh [RATE] [VEHICLES] [SECONDS]   (defaults 45000, 1000, 20)
+#   PUBLISHERS=2 load-tests/latency.sh ...               the load from 2 connections on 2 threads
+#   PIN=1 load-tests/latency.sh ...     fleetpipe alone on CPU 1, broker and load on CPU 0, so that
+#                                       the load can exceed what fleetpipe can take
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE="${1:-45000}"
@@ -32,16 +35,18 @@ max_inflight_messages 0
 max_queued_bytes 0
 log_dest none
 CONF
-"$MOSQ" -c "$WORK/mosquitto.conf" & PIDS+=($!)
+ON_LOAD=(); ON_FP=()
+if [ "${PIN:-0}" = 1 ]; then ON_LOAD=(taskset -c 0); ON_FP=(taskset -c 1); fi
+"${ON_LOAD[@]}" "$MOSQ" -c "$WORK/mosquitto.conf" & PIDS+=($!)
 wait_port "$MQTT_PORT"
 HTTP_PORT="$(free_port)"
 FLEETPIPE_MQTT_URL="mqtt://127.0.0.1:$MQTT_PORT" FLEETPIPE_MQTT_CLIENT_ID="fleetpipe-latency-$$" \
   FLEETPIPE_HTTP_ADDR="127.0.0.1:$HTTP_PORT" FLEETPIPE_DATA_DIR="$WORK/data" RUST_LOG=warn \
-  "$BIN/fleetpipe" run > "$WORK/fleetpipe.log" 2>&1 & fp=$!
+  "${ON_FP[@]}" "$BIN/fleetpipe" run > "$WORK/fleetpipe.log" 2>&1 & fp=$!
 PIDS+=($fp)
 for _ in $(seq 1 500); do curl -sf "http://127.0.0.1:$HTTP_PORT/ready" >/dev/null && break; sleep 0.02; done
-"$BIN/fleetpipe-load" latency --port "$MQTT_PORT" --http "http://127.0.0.1:$HTTP_PORT" \
-  --rate "$RATE" --vehicles "$VEHICLES" --duration "$SECS"
+"${ON_LOAD[@]}" "$BIN/fleetpipe-load" latency --port "$MQTT_PORT" --http "http://127.0.0.1:$HTTP_PORT" \
+  --rate "$RATE" --vehicles "$VEHICLES" --duration "$SECS" --publishers "${PUBLISHERS:-1}"
 # What fleetpipe made durable while the load ran, against what was offered: past saturation the
 # rest waits in the broker (acks withheld), it is not dropped.
 durable=$(curl -sf "http://127.0.0.1:$HTTP_PORT/metrics" | awk '$1=="fleetpipe_frames_written_total{sink=\"wal\"}" {print $2}')

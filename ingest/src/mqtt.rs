@@ -114,6 +114,22 @@ impl Publish {
             Publish::V5(p) => p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce,
         }
     }
+
+    /// What acknowledging it takes: its packet id and QoS, not its topic, payload and
+    /// properties (an ack that waits holds 4 bytes, not the message and its read buffer).
+    fn ack_id(&self) -> AckId {
+        match self {
+            Publish::V4(p) => AckId::V4(p.pkid, p.qos),
+            Publish::V5(p) => AckId::V5(p.pkid, p.qos),
+        }
+    }
+}
+
+/// A message to acknowledge.
+#[derive(Clone, Copy)]
+enum AckId {
+    V4(u16, rumqttc::QoS),
+    V5(u16, rumqttc::v5::mqttbytes::QoS),
 }
 
 #[derive(Clone)]
@@ -123,10 +139,18 @@ enum Client {
 }
 
 impl Client {
-    async fn ack(&self, p: &Publish) -> Result<(), String> {
-        match (self, p) {
-            (Client::V4(c), Publish::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-            (Client::V5(c), Publish::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+    async fn ack(&self, id: AckId) -> Result<(), String> {
+        match (self, id) {
+            (Client::V4(c), AckId::V4(pkid, qos)) => {
+                let mut p = rumqttc::Publish::new("", qos, Vec::new());
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
+            (Client::V5(c), AckId::V5(pkid, qos)) => {
+                let mut p = rumqttc::v5::mqttbytes::v5::Publish::new("", qos, Bytes::new(), None);
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|e| e.to_string())
+            }
             _ => Err("protocol mismatch".into()),
         }
     }
@@ -268,7 +292,7 @@ const V311_MAX_INCOMING: usize = 268_435_455;
 /// Acknowledgements to send, in arrival order, with the connection epoch they belong to.
 struct AckBatch {
     epoch: u64,
-    publishes: Vec<Publish>,
+    publishes: Vec<AckId>,
 }
 
 /// Runs the source until `shutdown` resolves, then drains (see the module header).
@@ -489,7 +513,8 @@ fn build_submission(
         entry.absorb(decoded);
     }
     metrics::counter!("fleetpipe_frames_received_total", "source" => "mqtt").increment(received);
-    let to_ack: Vec<Publish> = publishes.into_iter().filter(Publish::needs_ack).collect();
+    let to_ack: Vec<AckId> = publishes.iter().filter(|p| p.needs_ack()).map(Publish::ack_id).collect();
+    drop(publishes);
     let ack_tx = ack_tx.clone();
     Submission {
         entry,
@@ -511,8 +536,8 @@ async fn ack_loop(mut rx: mpsc::UnboundedReceiver<AckBatch>, client: Client, epo
             metrics::counter!("fleetpipe_mqtt_stale_acks_total").increment(batch.publishes.len() as u64);
             continue;
         }
-        for p in &batch.publishes {
-            if let Err(e) = client.ack(p).await {
+        for &id in &batch.publishes {
+            if let Err(e) = client.ack(id).await {
                 tracing::warn!(error = %e, "mqtt ack failed");
             }
         }
