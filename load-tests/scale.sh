@@ -17,16 +17,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${SMOKE:-0}" = 1 ]; then
-  FRAMES=20000; VEHICLES_LIST="1000 10000"; SECS=3; L1_LIST="1000 10000"
+  FRAMES=20000; ALL="1000 10000"; SECS=3
 else
-  FRAMES=2000000; VEHICLES_LIST="1000 10000 100000 1000000"; SECS=20; L1_LIST="1000 10000 100000 1000000"
+  FRAMES=2000000; ALL="1000 10000 100000 1000000"; SECS=20
 fi
+L1_LIST="$ALL"
+# VEHICLES_LIST="1000000" re-runs only those counts, keeping the other counts' earlier outputs.
+VEHICLES_LIST="${VEHICLES_LIST:-$ALL}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
 export RUST_BACKTRACE=0
 cargo build --release -q -p fleetpipe -p fleetpipe-load
 BIN="$CARGO_TARGET_DIR/release"
 OUT=load-tests/results/scale
-rm -rf "$OUT"; mkdir -p "$OUT"
+if [ "$VEHICLES_LIST" = "$ALL" ]; then rm -rf "$OUT"; fi
+mkdir -p "$OUT"; rm -f "$OUT"/l1_* "$OUT"/rate_* "$OUT"/table.txt
 
 for n in $VEHICLES_LIST; do
   echo "== $n vehicles"
@@ -36,7 +40,7 @@ for n in $L1_LIST; do
   { "$BIN/fleetpipe-load" l1-bytes --vehicles "$n"; "$BIN/fleetpipe-load" l1-bytes --bare-moka --vehicles "$n"; } | tee "$OUT/l1_$n.txt"
 done
 
-first=${VEHICLES_LIST%% *}
+first=${ALL%% *}
 capacity=$(awk '$1=="median" && $2==1 {print $4}' "$OUT/vehicles_$first.txt")
 for f in 0.25 0.5 1 1.5 2; do
   rate=$(python3 -c "print(int($capacity * $f))")
@@ -48,7 +52,8 @@ done
   echo
   echo "fleetpipe scale curves, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $FRAMES frames per vehicle count${SMOKE:+ (SMOKE: sizes too small to judge)}"
   printf '%-10s %5s %14s %16s %7s %9s %14s %18s\n' vehicles qos "bare /s" "durable /s" ratio "RSS MiB" "L1 B/vehicle" "moka alone B/entry"
-  for n in $VEHICLES_LIST; do
+  for n in $ALL; do
+    [ -f "$OUT/vehicles_$n.txt" ] || continue
     l1=$(sed -nE 's/.* ([0-9]+) bytes per vehicle.*/\1/p' "$OUT/l1_$n.txt" 2>/dev/null || true)
     mk=$(sed -nE 's/.* ([0-9]+) bytes per entry.*/\1/p' "$OUT/l1_$n.txt" 2>/dev/null || true)
     for q in 0 1; do

@@ -179,7 +179,8 @@ fn frame(i: u64, vehicles: u64) -> (String, Vec<u8>) {
     let v = i % vehicles.max(1);
     let seq = i / vehicles.max(1) + 1;
     let ts = 1_795_640_400_000i64 + (seq as i64) * 1000;
-    let lat = 56.0 + (v as f64) * 1e-4 + (seq as f64) * 1e-6;
+    // Within the valid range for any number of vehicles (300,000 distinct latitudes).
+    let lat = 56.0 + ((v % 300_000) as f64) * 1e-4 + ((seq % 1_000_000) as f64) * 1e-6;
     let body = format!(
         r#"{{"vehicle_id":"LOAD{v:08}","ts":{ts},"seq":{seq},"lat":{lat:.6},"lon":10.213695,"speed_kmh":33.8,"heading_deg":273.0,"alt_m":38.5,"accuracy_m":3.2,"satellites":9,"odometer_m":2077000}}"#
     );
