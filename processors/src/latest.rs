@@ -449,6 +449,7 @@ pub fn haversine_m(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::tests::{full_diag_frame, full_loc_frame};
 
     fn loc(v: &str, ts: i64, lat: f64) -> Frame {
         Frame {
@@ -497,49 +498,16 @@ mod tests {
         assert!((hits[1].1 - 11.1).abs() < 0.2, "distance {}", hits[1].1);
     }
 
-    fn full_diag(v: &str, ts: i64) -> Frame {
-        Frame {
-            vehicle_id: v.into(),
-            ts,
-            seq: 7,
-            received_at: ts + 3,
-            body: Body::Diagnostic(Box::new(Diagnostic {
-                engine_rpm: Some(2150.5),
-                coolant_temp_c: Some(-4.25),
-                engine_load_pct: Some(0.0),
-                fuel_level_pct: Some(61.5),
-                battery_soc_pct: Some(99.9),
-                battery_v: Some(12.61),
-                engine_hours: Some(1234.5),
-                odometer_m: Some(98_765_432.1),
-                mil_on: Some(false),
-                dtcs: Some(vec![Dtc::Obd("P0301".into()), Dtc::J1939 { spn: 100, fmi: 1, oc: 3, sa: 0 }]),
-                signals: Some(r#"{"Vehicle.X":1}"#.into()),
-            })),
-        }
-    }
-
     #[test]
     fn packed_state_reads_back_exactly() {
         let c = LatestCache::new(100, Duration::from_secs(60));
         let long_id = "V".repeat(64);
-        let full_loc = Frame {
-            vehicle_id: long_id.clone(),
-            ts: 1_795_640_400_250_000,
-            seq: u64::MAX,
-            received_at: -1,
-            body: Body::Location(Location {
-                lat: -33.868_820_123,
-                lon: 151.209_296_456,
-                speed_kmh: Some(0.1),
-                heading_deg: Some(359.99),
-                alt_m: Some(-12.5),
-                accuracy_m: Some(3.2),
-                satellites: Some(0),
-                odometer_m: Some(1e9 + 0.3),
-                ignition: Some(false),
-            }),
-        };
+        // The codec tests' frames using every field, under a 64-character id.
+        let full_loc = Frame { vehicle_id: long_id.clone(), seq: u64::MAX, ..full_loc_frame() };
+        let mut full_diag = Frame { vehicle_id: long_id.clone(), ..full_diag_frame() };
+        if let Body::Diagnostic(d) = &mut full_diag.body {
+            d.dtcs = Some(vec![Dtc::Obd("P0301".into()), Dtc::J1939 { spn: 100, fmi: 1, oc: 3, sa: 0 }]);
+        }
         let bare_diag = Frame {
             vehicle_id: "short".into(),
             ts: 9,
@@ -547,11 +515,11 @@ mod tests {
             received_at: 10,
             body: Body::Diagnostic(Box::new(Diagnostic { dtcs: Some(vec![]), ..Default::default() })),
         };
-        let frames = [full_loc.clone(), full_diag(&long_id, 5), loc("short", 8, 1.0), bare_diag.clone()];
+        let frames = [full_loc.clone(), full_diag.clone(), loc("short", 8, 1.0), bare_diag.clone()];
         c.apply(&frames);
         let long = c.get(&long_id).expect("long id held");
         assert_eq!(long.location.as_deref(), Some(&full_loc));
-        assert_eq!(long.diagnostic.as_deref(), Some(&full_diag(&long_id, 5)));
+        assert_eq!(long.diagnostic.as_deref(), Some(&full_diag));
         let short = c.get("short").expect("short id held");
         assert_eq!(short.location.as_deref(), Some(&loc("short", 8, 1.0)));
         assert_eq!(short.diagnostic.as_deref(), Some(&bare_diag));

@@ -19,7 +19,7 @@ pub mod time;
 pub mod topic;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use bytes::Bytes;
 

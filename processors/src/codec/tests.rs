@@ -57,7 +57,7 @@ fn diag_frame() -> Frame {
 }
 
 /// A diagnostic frame using every field.
-fn full_diag_frame() -> Frame {
+pub(crate) fn full_diag_frame() -> Frame {
     Frame {
         vehicle_id: "truck-7".to_owned(),
         ts: TS + 17,
@@ -82,7 +82,7 @@ fn full_diag_frame() -> Frame {
     }
 }
 
-fn full_loc_frame() -> Frame {
+pub(crate) fn full_loc_frame() -> Frame {
     Frame {
         vehicle_id: "a.b:c-d_e".to_owned(),
         ts: -86_400_000_001,
