@@ -29,22 +29,8 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 500); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.02; done; echo "port $1 not open" >&2; return 1; }
-MOSQ="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
-MQTT_PORT="$(free_port)"
-cat > "$WORK/mosquitto.conf" <<CONF
-listener $MQTT_PORT 127.0.0.1
-user root
-allow_anonymous true
-persistence false
-max_queued_messages 0
-max_inflight_messages 0
-max_queued_bytes 0
-log_dest none
-CONF
-"$MOSQ" -c "$WORK/mosquitto.conf" & PIDS+=($!)
-wait_port "$MQTT_PORT"
+source load-tests/lib.sh
+start_mosquitto
 
 # Prints elapsed seconds of a bare-subscriber run.
 bare() {

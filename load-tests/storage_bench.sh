@@ -33,7 +33,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source load-tests/lib.sh
 
 echo "== postgres sink vs psql \\copy ($ROWS rows)"
 # Batches of 1,000 frames, as the sink gets them from busy MQTT traffic; of 8,192, as it gets
