@@ -10,17 +10,11 @@
 #   FLEETPIPE_TOML=$'[parquet]\nenabled = false' load-tests/backlog.sh    extra config lines
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source load-tests/lib.sh
 FRAMES="${1:-2000000}"
 VEHICLES="${2:-1000}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
-export RUST_BACKTRACE=0
-cargo build --release -q -p fleetpipe -p fleetpipe-load
-BIN="$CARGO_TARGET_DIR/release"
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-source load-tests/lib.sh
+build_release
+setup_work
 start_mosquitto
 
 # Prints "seconds peak_rss_mib" for a backlog of $1 frames.
@@ -39,7 +33,7 @@ CONF
   start_fp() {
     RUST_LOG=warn "$BIN/fleetpipe" run --config "$WORK/fp.$tag.toml" >> "$WORK/fp.$tag.log" 2>&1 & fp=$!
     PIDS+=($fp)
-    for _ in $(seq 1 500); do curl -sf "http://127.0.0.1:$http/ready" >/dev/null 2>&1 && break; sleep 0.02; done
+    wait_ready "http://127.0.0.1:$http" || true
   }
   # Subscribe once (the broker keeps the session and queues for it), then go away.
   start_fp; kill -TERM "$fp"; wait "$fp" || true

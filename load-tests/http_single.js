@@ -9,19 +9,9 @@
 import http from 'k6/http';
 import { check } from 'k6';
 import { summarize } from './k6/summary.js';
+import { FRAMES_URL, ingestOptions } from './k6/ingest.js';
 
-const URL = (__ENV.FLEETPIPE_URL || 'http://127.0.0.1:8080') + '/v1/frames';
-
-export const options = {
-  vus: 32,
-  duration: '30s',
-  summaryTrendStats: ['avg', 'min', 'med', 'max', 'p(90)', 'p(95)', 'p(99)'],
-  thresholds: {
-    http_req_failed: ['rate==0'],
-    checks: ['rate==1'],
-    http_req_duration: ['p(95)<50', 'p(99)<100'],
-  },
-};
+export const options = ingestOptions(32, 50, 100);
 
 let seq = 0;
 
@@ -32,7 +22,7 @@ export default function () {
     vehicle_id: vehicle, ts: Date.now(), seq, kind: 'location',
     lat: 56.1 + (__VU % 100) * 1e-3, lon: 10.2 + (seq % 1000) * 1e-5, speed_kmh: 42.5,
   };
-  const res = http.post(URL, JSON.stringify(frame), { headers: { 'Content-Type': 'application/json' } });
+  const res = http.post(FRAMES_URL, JSON.stringify(frame), { headers: { 'Content-Type': 'application/json' } });
   check(res, {
     '200': (r) => r.status === 200,
     'accepted 1': (r) => r.status === 200 && r.json('accepted') === 1,

@@ -13,20 +13,14 @@
 # key = vehicle_id) before the rounds. Both sides include joining their group.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source load-tests/lib.sh
 FRAMES="${1:-300000}"
 VEHICLES="${2:-1000}"
 ROUNDS="${3:-3}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
-export RUST_BACKTRACE=0
-cargo build --release -q -p fleetpipe -p fleetpipe-load
-BIN="$CARGO_TARGET_DIR/release"
+build_release
 TANSU="${FLEETPIPE_TANSU:-$HOME/.cache/fleetpipe/tansu/bin/tansu}"
 PY="${FLEETPIPE_PYTHON:-$HOME/.cache/fleetpipe/py/bin/python}"
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-source load-tests/lib.sh
+setup_work
 now() { date +%s.%N; }
 
 PORT="$(free_port)"

@@ -10,18 +10,12 @@
 #                                       the load can exceed what fleetpipe can take
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source load-tests/lib.sh
 RATE="${1:-45000}"
 VEHICLES="${2:-1000}"
 SECS="${3:-20}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
-export RUST_BACKTRACE=0
-cargo build --release -q -p fleetpipe -p fleetpipe-load
-BIN="$CARGO_TARGET_DIR/release"
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-source load-tests/lib.sh
+build_release
+setup_work
 ON_LOAD=(); ON_FP=()
 if [ "${PIN:-0}" = 1 ]; then ON_LOAD=(taskset -c 0); ON_FP=(taskset -c 1); fi
 start_mosquitto "${ON_LOAD[@]}"
@@ -30,7 +24,7 @@ FLEETPIPE_MQTT_URL="mqtt://127.0.0.1:$MQTT_PORT" FLEETPIPE_MQTT_CLIENT_ID="fleet
   FLEETPIPE_HTTP_ADDR="127.0.0.1:$HTTP_PORT" FLEETPIPE_DATA_DIR="$WORK/data" RUST_LOG=warn \
   "${ON_FP[@]}" "$BIN/fleetpipe" run > "$WORK/fleetpipe.log" 2>&1 & fp=$!
 PIDS+=($fp)
-for _ in $(seq 1 500); do curl -sf "http://127.0.0.1:$HTTP_PORT/ready" >/dev/null && break; sleep 0.02; done
+wait_ready "http://127.0.0.1:$HTTP_PORT" || true
 "${ON_LOAD[@]}" "$BIN/fleetpipe-load" latency --port "$MQTT_PORT" --http "http://127.0.0.1:$HTTP_PORT" \
   --rate "$RATE" --vehicles "$VEHICLES" --duration "$SECS" --publishers "${PUBLISHERS:-1}"
 # What fleetpipe made durable while the load ran, against what was offered: past saturation the

@@ -17,19 +17,13 @@
 # bare subscriber connect with MQTT 5 and a Receive Maximum of 65,535.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source load-tests/lib.sh
 FRAMES="${1:-300000}"
 VEHICLES="${2:-1000}"
 ROUNDS="${3:-3}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
-export RUST_BACKTRACE=0
-cargo build --release -q -p fleetpipe -p fleetpipe-load
-BIN="$CARGO_TARGET_DIR/release"
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+build_release
+setup_work
 
-source load-tests/lib.sh
 start_mosquitto
 
 # Prints elapsed seconds of a bare-subscriber run.
@@ -63,7 +57,7 @@ roll_secs = 1.0
 CONF
   RUST_LOG=warn "$BIN/fleetpipe" run --config "$WORK/fleetpipe.$qos.toml" & local fp=$!
   PIDS+=($fp)
-  for _ in $(seq 1 500); do curl -sf "http://127.0.0.1:$http/ready" >/dev/null 2>&1 && break; sleep 0.02; done
+  wait_ready "http://127.0.0.1:$http" || true
   "$BIN/fleetpipe-load" publish --port "$MQTT_PORT" --frames "$FRAMES" --vehicles "$VEHICLES" --qos "$qos" > "$WORK/pub.$qos.out" &
   local pub=$!
   local wait=("$BIN/fleetpipe-load" wait-metric --timeout 300 --url "http://127.0.0.1:$http/metrics")

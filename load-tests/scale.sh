@@ -16,6 +16,7 @@
 # Raw outputs go to load-tests/results/scale/ (replaced on each run), the tables to table.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source load-tests/lib.sh
 if [ "${SMOKE:-0}" = 1 ]; then
   FRAMES=20000; ALL="1000 10000"; SECS=3
 else
@@ -24,10 +25,7 @@ fi
 L1_LIST="$ALL"
 # VEHICLES_LIST="1000000" re-runs only those counts, keeping the other counts' earlier outputs.
 VEHICLES_LIST="${VEHICLES_LIST:-$ALL}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
-export RUST_BACKTRACE=0
-cargo build --release -q -p fleetpipe -p fleetpipe-load
-BIN="$CARGO_TARGET_DIR/release"
+build_release
 OUT=load-tests/results/scale
 if [ "$VEHICLES_LIST" = "$ALL" ]; then rm -rf "$OUT"; fi
 mkdir -p "$OUT"; rm -f "$OUT"/l1_* "$OUT"/rate_* "$OUT"/table.txt

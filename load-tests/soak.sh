@@ -7,15 +7,13 @@
 #   load-tests/soak.sh [SECONDS] [VEHICLES] [HZ]       (defaults 300, 1000, 10)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source load-tests/lib.sh
 SECONDS_TOTAL="${1:-300}"; VEHICLES="${2:-1000}"; HZ="${3:-10}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
 cargo build --release -q -p fleetpipe
 BIN="$CARGO_TARGET_DIR/release/fleetpipe"
-WORK="$(mktemp -d)"
-source load-tests/lib.sh
+setup_work
 MQTT="$(free_port)"; HTTP="$(free_port)"
-PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill $p 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
 export FLEETPIPE_DATA_DIR="$WORK/data" FLEETPIPE_HTTP_ADDR="127.0.0.1:$HTTP" FLEETPIPE_MQTT_CLIENT_ID="fleetpipe-soak-$$"
 if [ "${EMBEDDED:-0}" = 1 ]; then
   export FLEETPIPE_MQTT_LISTEN="127.0.0.1:$MQTT"
@@ -26,7 +24,7 @@ else
   export FLEETPIPE_MQTT_URL="mqtt://127.0.0.1:$MQTT"
 fi
 RUST_LOG=warn "$BIN" run & FP=$!; PIDS+=($FP)
-for _ in $(seq 1 500); do curl -sf "http://127.0.0.1:$HTTP/ready" >/dev/null 2>&1 && break; sleep 0.02; done
+wait_ready "http://127.0.0.1:$HTTP" || true
 env -u FLEETPIPE_MQTT_URL "$BIN" simulate --vehicles "$VEHICLES" --hz "$HZ" --duration "$SECONDS_TOTAL" --target "mqtt://127.0.0.1:$MQTT" > "$WORK/sim.out" 2>/dev/null & SIM=$!
 echo "soak: $VEHICLES vehicles x $HZ Hz for $SECONDS_TOTAL s, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores"
 printf '%8s %10s %14s\n' t_s rss_mib frames_durable

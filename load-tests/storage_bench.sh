@@ -13,14 +13,12 @@
 # scripts/test.sh starts them. Uses a schema and a Redis key prefix of its own, removed after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source load-tests/lib.sh
 ROWS="${1:-200000}"
 READS="${2:-5000}"
 PG="${FLEETPIPE_BENCH_PG:-postgres://postgres@127.0.0.1:5432/postgres}"
 REDIS="${FLEETPIPE_BENCH_REDIS:-redis://127.0.0.1:6379}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"
-export RUST_BACKTRACE=0
-cargo build --release -q -p fleetpipe -p fleetpipe-load
-BIN="$CARGO_TARGET_DIR/release"
+build_release
 SCHEMA="fp_bench_$$"
 PREFIX="fpbench:$$:"
 WORK="$(mktemp -d)"
@@ -33,7 +31,6 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-source load-tests/lib.sh
 
 echo "== postgres sink vs psql \\copy ($ROWS rows)"
 # Batches of 1,000 frames, as the sink gets them from busy MQTT traffic; of 8,192, as it gets
@@ -67,7 +64,7 @@ url = "$REDIS"
 prefix = "$PREFIX"
 CONF
   "$BIN/fleetpipe" run --config "$WORK/fleetpipe.toml" > "$WORK/fleetpipe.$1.log" 2>&1 & PID=$!
-  for _ in $(seq 1 500); do curl -sf "$URL/ready" >/dev/null && return 0; sleep 0.02; done
+  wait_ready "$URL" && return 0
   echo "fleetpipe did not become ready" >&2; cat "$WORK/fleetpipe.$1.log" >&2; return 1
 }
 start_fleetpipe 1
