@@ -1,11 +1,31 @@
 //! Configuration: a TOML file (every key optional, unknown keys refused) and the contract's
 //! environment variables, which win over the file. With neither, fleetpipe runs on embedded
 //! defaults: embedded MQTT broker, HTTP on 127.0.0.1:8080, Parquet under `./data`, L1 cache.
+//!
+//! Each section is the config type of the component it configures, defined (with its defaults)
+//! next to that component; this file only puts them together, applies the environment and
+//! checks what spans sections. `[kafka]` is the one section two components share (the source
+//! and the outputs), so it is defined here and split for them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
+use fleetpipe_ingest::http::HttpConfig;
+use fleetpipe_ingest::kafka::KafkaConfig;
+pub use fleetpipe_ingest::mqtt::parse_mqtt_url;
+use fleetpipe_ingest::mqtt::MqttConfig;
+use fleetpipe_pipeline::wal::WalConfig;
+pub use fleetpipe_pipeline::AckMode;
+use fleetpipe_pipeline::PipelineConfig;
+use fleetpipe_processors::latest::CacheConfig;
+use fleetpipe_processors::validate::ValidateConfig;
+use fleetpipe_sinks::dead_letter::DeadLetterConfig;
+use fleetpipe_sinks::kafka::KafkaSinkConfig;
+use fleetpipe_sinks::parquet::ParquetConfig;
+use fleetpipe_sinks::postgres::PostgresConfig;
+use fleetpipe_sinks::redis::RedisConfig;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -14,15 +34,15 @@ pub struct Config {
     /// Root of Parquet files, the dead-letter store and the write-ahead log.
     pub data_dir: PathBuf,
     pub http: HttpConfig,
-    pub mqtt: MqttSection,
+    pub mqtt: MqttConfig,
     pub validate: ValidateConfig,
-    pub pipeline: PipelineSection,
-    pub wal: WalSection,
+    pub pipeline: PipelineConfig,
+    pub wal: WalConfig,
     pub cache: CacheConfig,
-    pub parquet: ParquetSection,
-    pub dead_letter: DeadLetterSection,
-    pub postgres: PostgresSection,
-    pub redis: RedisSection,
+    pub parquet: ParquetConfig,
+    pub dead_letter: DeadLetterConfig,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
     pub kafka: KafkaSection,
 }
 
@@ -31,253 +51,21 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("./data"),
             http: HttpConfig::default(),
-            mqtt: MqttSection::default(),
+            mqtt: MqttConfig::default(),
             validate: ValidateConfig::default(),
-            pipeline: PipelineSection::default(),
-            wal: WalSection::default(),
+            pipeline: PipelineConfig::default(),
+            wal: WalConfig::default(),
             cache: CacheConfig::default(),
-            parquet: ParquetSection::default(),
-            dead_letter: DeadLetterSection::default(),
-            postgres: PostgresSection::default(),
-            redis: RedisSection::default(),
+            parquet: ParquetConfig::default(),
+            dead_letter: DeadLetterConfig::default(),
+            postgres: PostgresConfig::default(),
+            redis: RedisConfig::default(),
             kafka: KafkaSection::default(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    pub addr: SocketAddr,
-    pub max_body_bytes: usize,
-    /// When set, `POST /v1/frames` requires `Authorization: Bearer <token>`.
-    pub auth_token: Option<String>,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig { addr: ([127, 0, 0, 1], 8080).into(), max_body_bytes: 16 << 20, auth_token: None }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MqttProtocol {
-    V5,
-    V311,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MqttSection {
-    /// External broker (`mqtt://host:port`). Unset: the embedded broker.
-    pub url: Option<String>,
-    /// The embedded broker's MQTT 3.1.1 address.
-    pub listen: SocketAddr,
-    /// The embedded broker's optional MQTT 5 address.
-    pub listen_v5: Option<SocketAddr>,
-    /// Protocol toward an external broker (the embedded one is always spoken to in 3.1.1).
-    pub protocol: MqttProtocol,
-    /// Stable per instance (e.g. the pod name), so each instance resumes its own session.
-    pub client_id: Option<String>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub topics: Vec<String>,
-    /// MQTT 5 shared-subscription group (`$share/{group}/…`) for several instances.
-    pub shared_group: Option<String>,
-    pub qos: u8,
-    pub keep_alive_secs: u64,
-    pub receive_maximum: u16,
-    pub session_expiry_secs: u64,
-    pub max_packet_bytes: usize,
-    pub batch_messages: usize,
-    /// Memory the embedded broker keeps per topic (also how far behind on one topic fleetpipe
-    /// may fall before that broker drops the oldest messages).
-    pub embedded_topic_buffer_kib: usize,
-}
-
-impl Default for MqttSection {
-    fn default() -> Self {
-        MqttSection {
-            url: None,
-            listen: ([127, 0, 0, 1], 1883).into(),
-            listen_v5: None,
-            protocol: MqttProtocol::V5,
-            client_id: None,
-            username: None,
-            password: None,
-            topics: vec!["vehicles/+/+".into()],
-            shared_group: None,
-            qos: 1,
-            keep_alive_secs: 30,
-            receive_maximum: 65_535,
-            session_expiry_secs: 7 * 24 * 3600,
-            max_packet_bytes: (16 << 20) + 65_536,
-            batch_messages: 1024,
-            embedded_topic_buffer_kib: 1024,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ValidateConfig {
-    /// Frames further ahead of the receiving clock are rejected (`future_ts`).
-    pub max_future_secs: u64,
-    /// Optional lower bound on `ts` (RFC 3339); none by default: backfills are normal.
-    pub min_ts: Option<String>,
-    /// A single MQTT message or Kafka record larger than this is rejected (`oversized`).
-    pub max_payload_bytes: usize,
-}
-
-impl Default for ValidateConfig {
-    fn default() -> Self {
-        ValidateConfig { max_future_secs: 24 * 3600, min_ts: None, max_payload_bytes: 16 << 20 }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PipelineSection {
-    /// Shard workers (0: one per core).
-    pub shards: usize,
-    /// Capacity of each inter-stage queue, in batches.
-    pub queue_batches: usize,
-    /// Capacity of the intake in front of the log, in entries.
-    pub intake_entries: usize,
-    /// Recent frames remembered for de-duplication (all vehicles, all shards): about 40 bytes
-    /// each, a fixed memory cost.
-    pub dedup_frames: usize,
-    /// When MQTT acks and HTTP 200s go out: once the entry is in fleetpipe's fsync'd log
-    /// (`log`, the default), or once every durable sink holds it as well (`sinks`).
-    pub ack: AckMode,
-    /// With `ack = "sinks"`: how often sinks that hold unflushed data are flushed (ms). Each
-    /// flush closes the open Parquet files, so shorter means faster acks and more files.
-    pub ack_flush_ms: f64,
-}
-
-/// See [`PipelineSection::ack`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AckMode {
-    Log,
-    Sinks,
-}
-
-impl Default for PipelineSection {
-    fn default() -> Self {
-        PipelineSection {
-            shards: 0,
-            queue_batches: 64,
-            intake_entries: 256,
-            dedup_frames: 1 << 20,
-            ack: AckMode::Log,
-            ack_flush_ms: 100.0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WalSection {
-    pub segment_mib: u64,
-    /// Bound on the log's disk use; past it, intake pushes back until sinks catch up.
-    pub max_mib: u64,
-    /// Most entries in one group commit (one fsync).
-    pub group_entries: usize,
-    /// How long a group commit waits at most for more entries after the first (milliseconds):
-    /// fewer, larger fsyncs and batches, for up to that much more time-to-ack. It stops waiting
-    /// as soon as an eighth of it passes with nothing new.
-    pub group_linger_ms: f64,
-}
-
-impl Default for WalSection {
-    fn default() -> Self {
-        WalSection { segment_mib: 64, max_mib: 2048, group_entries: 512, group_linger_ms: 2.0 }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CacheConfig {
-    pub max_vehicles: u64,
-    pub idle_ttl_secs: u64,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        CacheConfig { max_vehicles: 1_000_000, idle_ttl_secs: 24 * 3600 }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ParquetSection {
-    pub enabled: bool,
-    /// Open files are closed (and become visible) at least this often.
-    pub roll_secs: f64,
-    pub max_file_rows: usize,
-    pub row_group_rows: usize,
-    pub zstd_level: i32,
-}
-
-impl Default for ParquetSection {
-    fn default() -> Self {
-        ParquetSection {
-            enabled: true,
-            roll_secs: 30.0,
-            max_file_rows: 1_000_000,
-            row_group_rows: 128 * 1024,
-            zstd_level: 3,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DeadLetterSection {
-    pub roll_secs: f64,
-}
-
-impl Default for DeadLetterSection {
-    fn default() -> Self {
-        DeadLetterSection { roll_secs: 30.0 }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PostgresSection {
-    /// `postgres://user:pass@host:5432/db`. Unset: no Postgres history.
-    pub url: Option<String>,
-    pub schema: String,
-    /// Day partitions created ahead of time.
-    pub partitions_ahead_days: u32,
-    /// Partitions older than this many days are dropped; none by default.
-    pub retention_days: Option<u32>,
-}
-
-impl Default for PostgresSection {
-    fn default() -> Self {
-        PostgresSection { url: None, schema: "public".into(), partitions_ahead_days: 3, retention_days: None }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisSection {
-    /// `redis://host:6379`. Unset: no L2.
-    pub url: Option<String>,
-    pub prefix: String,
-    pub ttl_secs: u64,
-}
-
-impl Default for RedisSection {
-    fn default() -> Self {
-        RedisSection { url: None, prefix: "fleetpipe:".into(), ttl_secs: 24 * 3600 }
-    }
-}
-
+/// `[kafka]`: the connection, the input topic (the source) and the outputs (the sink).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSection {
@@ -316,6 +104,46 @@ impl Default for KafkaSection {
             revoke_wait_secs: 10.0,
             properties: Default::default(),
         }
+    }
+}
+
+impl KafkaSection {
+    /// The source's settings, when Kafka is configured and consumption is on.
+    pub fn source(&self) -> Option<KafkaConfig> {
+        let brokers = self.brokers.clone().filter(|_| self.consume)?;
+        Some(KafkaConfig {
+            brokers,
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            client_id: self.client_id(),
+            batch_messages: self.batch_messages,
+            revoke_wait: Duration::from_secs_f64(self.revoke_wait_secs.max(0.0)),
+            properties: self.properties.clone().into_iter().collect(),
+        })
+    }
+
+    /// The outputs' settings, when Kafka is configured and an output topic is on.
+    pub fn outputs(&self, data_dir: &Path) -> Option<KafkaSinkConfig> {
+        let brokers = self.brokers.clone()?;
+        let topic = |t: &str| (!t.is_empty()).then(|| t.to_owned());
+        let (clean_topic, dlq_topic) = (topic(&self.clean_topic), topic(&self.dlq_topic));
+        if clean_topic.is_none() && dlq_topic.is_none() {
+            return None;
+        }
+        Some(KafkaSinkConfig {
+            brokers,
+            client_id: self.client_id(),
+            clean_topic,
+            dlq_topic,
+            flush_timeout: Duration::from_secs(30),
+            properties: self.properties.clone().into_iter().collect(),
+            checkpoint: data_dir.join("_fleetpipe").join("kafka.checkpoint"),
+        })
+    }
+
+    /// The stable Kafka client id: configured, else derived from the pod or host name.
+    pub fn client_id(&self) -> String {
+        self.client_id.clone().unwrap_or_else(instance_id)
     }
 }
 
@@ -396,23 +224,13 @@ impl Config {
         if self.parquet.roll_secs <= 0.0 || self.dead_letter.roll_secs <= 0.0 {
             bail!("parquet.roll_secs and dead_letter.roll_secs must be positive");
         }
+        self.validate.rules().map_err(anyhow::Error::msg)?;
         Ok(())
-    }
-
-    /// The stable Kafka client id: configured, else derived from the pod or host name.
-    pub fn kafka_client_id(&self) -> String {
-        match &self.kafka.client_id {
-            Some(id) => id.clone(),
-            None => instance_id(),
-        }
     }
 
     /// The stable MQTT client id: configured, else derived from the pod or host name.
     pub fn mqtt_client_id(&self) -> String {
-        match &self.mqtt.client_id {
-            Some(id) => id.clone(),
-            None => instance_id(),
-        }
+        self.mqtt.client_id.clone().unwrap_or_else(instance_id)
     }
 }
 
@@ -425,22 +243,6 @@ fn instance_id() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "local".into());
     format!("fleetpipe-{host}")
-}
-
-/// `mqtt://host:port` (or `tcp://`) → (host, port); the port defaults to 1883.
-pub fn parse_mqtt_url(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .with_context(|| format!("MQTT url {url:?} must start with mqtt://"))?;
-    let rest = rest.trim_end_matches('/');
-    match rest.rsplit_once(':') {
-        Some((h, p)) => {
-            Ok((h.to_string(), p.parse().with_context(|| format!("bad port in MQTT url {url:?}"))?))
-        }
-        None if !rest.is_empty() => Ok((rest.to_string(), 1883)),
-        None => bail!("MQTT url {url:?} has no host"),
-    }
 }
 
 #[cfg(test)]

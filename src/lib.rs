@@ -6,14 +6,12 @@
 
 pub mod app;
 pub mod config;
-pub mod pipeline;
 pub mod read;
-pub mod record;
 pub mod sim;
 
 /// Wall clock in epoch milliseconds.
 pub fn now_millis() -> i64 {
-    fleetpipe_ingest::now_micros() / 1000
+    fleetpipe_pipeline::now_micros() / 1000
 }
 
 /// A number unique enough to tell processes and test runs apart.

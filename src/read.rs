@@ -4,12 +4,14 @@
 
 use std::sync::Arc;
 
-use fleetpipe_ingest::http::{count_cache, l1_near, BoxFuture, Found, Nearby, ReadPath};
+use fleetpipe_ingest::http::{count_cache, l1_near, BoxFuture, Found, Nearby, ReadError, ReadPath};
+use fleetpipe_pipeline::now_micros;
 use fleetpipe_processors::latest::{LatestCache, VehicleState};
 use fleetpipe_processors::{Frame, Micros};
 use fleetpipe_sinks::postgres::PostgresReader;
-use fleetpipe_sinks::redis_l2::RedisL2Reader;
+use fleetpipe_sinks::redis::RedisL2Reader;
 
+/// The tiers an instance has: L1 always, L2 and Postgres when configured.
 pub struct Tiers {
     pub l1: LatestCache,
     pub l2: Option<RedisL2Reader>,
@@ -41,7 +43,7 @@ impl Tiers {
 }
 
 impl ReadPath for Tiers {
-    fn vehicle<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Found>, String>> {
+    fn vehicle<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Found>, ReadError>> {
         Box::pin(async move {
             if let Some(state) = self.l1.get(id) {
                 count_cache("l1", true);
@@ -49,14 +51,14 @@ impl ReadPath for Tiers {
             }
             count_cache("l1", false);
             if let Some(state) = self.read_l2(id).await {
-                self.l1.fill(id, &state, fleetpipe_ingest::now_micros());
+                self.l1.fill(id, &state, now_micros());
                 return Ok(Some((Arc::new(state), "l2")));
             }
             let Some(store) = &self.store else { return Ok(None) };
             match store.latest(id).await {
                 Ok(Some(state)) => {
                     count_cache("postgres", true);
-                    self.l1.fill(id, &state, fleetpipe_ingest::now_micros());
+                    self.l1.fill(id, &state, now_micros());
                     let state = Arc::new(state);
                     if let Some(l2) = self.l2.clone() {
                         // Fill L2 for the other instances, off the request's path.
@@ -73,7 +75,7 @@ impl ReadPath for Tiers {
                     count_cache("postgres", false);
                     Ok(None)
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(ReadError::new("postgres", e)),
             }
         })
     }
@@ -84,15 +86,15 @@ impl ReadPath for Tiers {
         lon: f64,
         radius_m: f64,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Nearby>, String>> {
+    ) -> BoxFuture<'_, Result<Vec<Nearby>, ReadError>> {
         Box::pin(async move {
             let Some(l2) = self.l2.clone() else {
                 return l1_near(self.l1.clone(), lat, lon, radius_m, limit).await;
             };
             let ids = tokio::task::spawn_blocking(move || l2.near(lat, lon, radius_m, limit))
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ReadError::new("l2", e))?
+                .map_err(|e| ReadError::new("l2", e))?;
             let mut out = Vec::with_capacity(ids.len());
             for (id, d) in ids {
                 let state = match self.l1.get(&id) {
@@ -113,11 +115,11 @@ impl ReadPath for Tiers {
         from: Micros,
         to: Micros,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Option<Vec<Frame>>, String>> {
+    ) -> BoxFuture<'a, Result<Option<Vec<Frame>>, ReadError>> {
         Box::pin(async move {
             let Some(store) = &self.store else { return Ok(None) };
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            store.track(id, from, to, limit).await.map(Some).map_err(|e| e.to_string())
+            store.track(id, from, to, limit).await.map(Some).map_err(|e| ReadError::new("postgres", e))
         })
     }
 }

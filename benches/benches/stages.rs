@@ -11,13 +11,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use fleetpipe_pipeline::Sink;
 use fleetpipe_processors::codec::{decode_message, encode_protobuf, Message};
 use fleetpipe_processors::dedup::Dedup;
 use fleetpipe_processors::latest::LatestCache;
 use fleetpipe_processors::validate::Rules;
+use fleetpipe_processors::Batch;
 use fleetpipe_processors::{Frame, Origin};
-use fleetpipe_sinks::parquet::{ParquetConfig, ParquetSink};
-use fleetpipe_sinks::{Sink, SinkBatch};
+use fleetpipe_sinks::parquet::{self as parquet_sink, ParquetConfig};
 use serde::Deserialize;
 
 const DRIVE: &str = include_str!("../../tests/data/css-drive-aarhus-2021-07-26-am.ndjson");
@@ -126,10 +127,10 @@ fn benches(c: &mut Criterion) {
         b.iter_batched(
             || tempfile::tempdir().expect("tempdir"),
             |dir| {
-                let mut sink = ParquetSink::open(ParquetConfig::new(dir.path())).expect("open");
-                let batch = SinkBatch { lsn: 1, frames: frames.clone(), rejections: Vec::new() };
+                let mut sink = parquet_sink::open(&ParquetConfig::default(), dir.path()).expect("open");
+                let batch = Batch { lsn: 1, frames: frames.clone(), rejections: Vec::new() };
                 sink.write(&batch).expect("write");
-                sink.close().expect("close");
+                sink.flush().expect("flush");
                 dir
             },
             BatchSize::PerIteration,

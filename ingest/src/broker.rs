@@ -11,23 +11,8 @@
 
 use std::net::{SocketAddr, TcpListener};
 
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    #[error(
-        "cannot listen on {addr} for the embedded MQTT broker: {source}. Another broker is probably \
-         running there: point fleetpipe at it with FLEETPIPE_MQTT_URL=mqtt://{addr} (or [mqtt] url in \
-         the config file), or move the embedded broker with FLEETPIPE_MQTT_LISTEN=127.0.0.1:PORT"
-    )]
-    AddrInUse {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("embedded broker configuration: {0}")]
-    Config(String),
-    #[error("embedded broker failed to start: {0}")]
-    Start(String),
-}
+use crate::mqtt::MqttConfig;
+use crate::{Error, Result};
 
 /// rumqttd keeps every topic's messages in an in-memory log of this many segments and drops the
 /// oldest segment when a new one starts: see [`BrokerConfig::topic_buffer_bytes`].
@@ -51,11 +36,24 @@ pub struct BrokerConfig {
     pub topic_buffer_bytes: usize,
 }
 
+impl BrokerConfig {
+    /// The embedded broker that `[mqtt]` describes (its `listen` addresses and limits).
+    pub fn from_mqtt(m: &MqttConfig) -> BrokerConfig {
+        BrokerConfig {
+            listen: m.listen,
+            listen_v5: m.listen_v5,
+            max_payload_bytes: m.max_packet_bytes,
+            max_inflight: usize::from(m.receive_maximum),
+            topic_buffer_bytes: m.embedded_topic_buffer_kib.saturating_mul(1024),
+        }
+    }
+}
+
 /// Starts the broker on its own threads. Returns once its listeners are bound.
-pub fn start(cfg: &BrokerConfig) -> Result<(), BrokerError> {
+pub fn start(cfg: &BrokerConfig) -> Result<()> {
     for addr in std::iter::once(cfg.listen).chain(cfg.listen_v5) {
         // rumqttd binds on its own threads and only logs a failure: check first, answer clearly.
-        TcpListener::bind(addr).map_err(|source| BrokerError::AddrInUse { addr, source })?;
+        TcpListener::bind(addr).map_err(|source| Error::BrokerAddrInUse { addr, source })?;
     }
     let server = |name: &str, addr: SocketAddr| {
         format!(
@@ -91,7 +89,8 @@ max_segment_count = {segments}
     if let Some(v5) = cfg.listen_v5 {
         text.push_str(&server("v5", v5));
     }
-    let config: rumqttd::Config = toml::from_str(&text).map_err(|e| BrokerError::Config(e.to_string()))?;
+    let config: rumqttd::Config =
+        toml::from_str(&text).map_err(|e| Error::Broker(format!("configuration: {e}")))?;
     let mut broker = rumqttd::Broker::new(config);
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -100,7 +99,7 @@ max_segment_count = {segments}
                 tracing::error!(error = %e, "embedded mqtt broker stopped");
             }
         })
-        .map_err(|e| BrokerError::Start(e.to_string()))?;
+        .map_err(|e| Error::Broker(format!("failed to start: {e}")))?;
     wait_listening(cfg.listen)?;
     if let Some(v5) = cfg.listen_v5 {
         wait_listening(v5)?;
@@ -109,7 +108,7 @@ max_segment_count = {segments}
     Ok(())
 }
 
-fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {
+fn wait_listening(addr: SocketAddr) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::time::Instant::now() < deadline {
         if std::net::TcpStream::connect(addr).is_ok() {
@@ -117,5 +116,5 @@ fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Err(BrokerError::Start(format!("not listening on {addr} after 10 s")))
+    Err(Error::Broker(format!("not listening on {addr} after 10 s")))
 }

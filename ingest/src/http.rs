@@ -15,15 +15,51 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use fleetpipe_pipeline::{
+    now_micros, BoxError, Entry, Intake, NotDurable, Readiness, Source, SourceContext, Submission,
+};
 use fleetpipe_processors::codec::{decode_message, frame_to_value, Message};
 use fleetpipe_processors::latest::{LatestCache, VehicleState};
 use fleetpipe_processors::validate::Rules;
 use fleetpipe_processors::{Decoded, Frame, Micros, Origin};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{now_micros, Entry, Intake, NotDurable, Submission};
+use crate::{Error, Result};
+
+/// `[http]`: the API.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub addr: SocketAddr,
+    /// Request body limit (413 past it).
+    pub max_body_bytes: usize,
+    /// When set, `POST /v1/frames` requires `Authorization: Bearer <token>`.
+    pub auth_token: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { addr: ([127, 0, 0, 1], 8080).into(), max_body_bytes: 16 << 20, auth_token: None }
+    }
+}
+
+/// A read that failed, with the tier that failed it (`l2`, `postgres`, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("{tier}: {source}")]
+pub struct ReadError {
+    pub tier: &'static str,
+    #[source]
+    pub source: BoxError,
+}
+
+impl ReadError {
+    pub fn new(tier: &'static str, source: impl Into<BoxError>) -> Self {
+        ReadError { tier, source: source.into() }
+    }
+}
 
 /// Bodies larger than this are decoded off the async workers.
 const INLINE_DECODE_BYTES: usize = 64 * 1024;
@@ -40,7 +76,7 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 /// provides the tiers it has; this crate knows none of their technologies.
 pub trait ReadPath: Send + Sync {
     /// Latest state and the tier that served it (`l1`, `l2`, `postgres`), `None` if unknown.
-    fn vehicle<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Found>, String>>;
+    fn vehicle<'a>(&'a self, id: &'a str) -> BoxFuture<'a, std::result::Result<Option<Found>, ReadError>>;
     /// Vehicles whose latest location is within `radius_m`, nearest first, with the distance.
     fn near(
         &self,
@@ -48,7 +84,7 @@ pub trait ReadPath: Send + Sync {
         lon: f64,
         radius_m: f64,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Nearby>, String>>;
+    ) -> BoxFuture<'_, std::result::Result<Vec<Nearby>, ReadError>>;
     /// Location history in time order; `None` when no history store is configured.
     fn track<'a>(
         &'a self,
@@ -56,14 +92,14 @@ pub trait ReadPath: Send + Sync {
         from: Micros,
         to: Micros,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Option<Vec<Frame>>, String>>;
+    ) -> BoxFuture<'a, std::result::Result<Option<Vec<Frame>>, ReadError>>;
 }
 
 /// The read path of an instance with only its L1 cache.
 pub struct L1Only(pub LatestCache);
 
 impl ReadPath for L1Only {
-    fn vehicle<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Found>, String>> {
+    fn vehicle<'a>(&'a self, id: &'a str) -> BoxFuture<'a, std::result::Result<Option<Found>, ReadError>> {
         Box::pin(async move {
             let hit = self.0.get(id);
             count_cache("l1", hit.is_some());
@@ -76,7 +112,7 @@ impl ReadPath for L1Only {
         lon: f64,
         radius_m: f64,
         limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Nearby>, String>> {
+    ) -> BoxFuture<'_, std::result::Result<Vec<Nearby>, ReadError>> {
         Box::pin(l1_near(self.0.clone(), lat, lon, radius_m, limit))
     }
     fn track<'a>(
@@ -85,7 +121,7 @@ impl ReadPath for L1Only {
         _from: Micros,
         _to: Micros,
         _limit: usize,
-    ) -> BoxFuture<'a, Result<Option<Vec<Frame>>, String>> {
+    ) -> BoxFuture<'a, std::result::Result<Option<Vec<Frame>>, ReadError>> {
         Box::pin(async { Ok(None) })
     }
 }
@@ -97,10 +133,10 @@ pub async fn l1_near(
     lon: f64,
     radius_m: f64,
     limit: usize,
-) -> Result<Vec<Nearby>, String> {
+) -> std::result::Result<Vec<Nearby>, ReadError> {
     tokio::task::spawn_blocking(move || latest.near(lat, lon, radius_m, limit))
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| ReadError::new("l1", e))
 }
 
 /// Counts a lookup in `fleetpipe_cache_requests_total{tier,result}`.
@@ -122,7 +158,63 @@ pub struct ApiState {
     /// Renders the Prometheus exposition.
     pub render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     /// Readiness: sources subscribed, sinks initialised, not draining.
-    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    pub readiness: Arc<Readiness>,
+}
+
+/// The HTTP API as a source: ingest, reads, metrics and probes on one listener.
+pub struct HttpSource {
+    listener: TcpListener,
+    cfg: HttpConfig,
+    reads: Arc<dyn ReadPath>,
+    render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
+}
+
+impl HttpSource {
+    /// Binds `cfg.addr` (port 0 picks a free one).
+    pub async fn bind(
+        cfg: &HttpConfig,
+        reads: Arc<dyn ReadPath>,
+        render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    ) -> Result<HttpSource> {
+        let listener =
+            TcpListener::bind(cfg.addr).await.map_err(|source| Error::Listen { addr: cfg.addr, source })?;
+        Ok(HttpSource { listener, cfg: cfg.clone(), reads, render_metrics })
+    }
+
+    /// The address the API listens on.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.listener.local_addr().map_err(|source| Error::Listen { addr: self.cfg.addr, source })
+    }
+}
+
+impl Source for HttpSource {
+    type Error = Error;
+
+    fn name(&self) -> &'static str {
+        "http"
+    }
+
+    fn drain_grace(&self) -> Option<Duration> {
+        Some(DRAIN_GRACE)
+    }
+
+    async fn run(self, ctx: SourceContext) -> Result<()> {
+        let state = ApiState {
+            intake: ctx.intake,
+            rules: ctx.rules,
+            reads: self.reads,
+            max_body_bytes: self.cfg.max_body_bytes,
+            auth_token: self.cfg.auth_token.as_deref().map(Arc::from),
+            render_metrics: self.render_metrics,
+            readiness: ctx.readiness,
+        };
+        ctx.ready.set(true);
+        let addr = self.cfg.addr;
+        axum::serve(self.listener, router(state))
+            .with_graceful_shutdown(ctx.shutdown.wait())
+            .await
+            .map_err(|source| Error::Listen { addr, source })
+    }
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -137,15 +229,6 @@ pub fn router(state: ApiState) -> Router {
         .route("/ready", get(ready))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
-}
-
-/// Serves the API on an already-bound listener until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: ApiState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }
 
 fn error(status: StatusCode, reason: &str, detail: impl Into<String>) -> Response {
@@ -309,7 +392,7 @@ fn parse_time(s: &str) -> Option<Micros> {
     s.parse::<i64>()
         .ok()
         .map(|ms| ms.saturating_mul(1000))
-        .or_else(|| fleetpipe_processors::codec::parse_rfc3339(s))
+        .or_else(|| fleetpipe_processors::time::parse_rfc3339(s))
 }
 
 async fn track(State(st): State<ApiState>, Path(id): Path<String>, Query(q): Query<TrackQuery>) -> Response {
@@ -345,16 +428,11 @@ async fn metrics_text(State(st): State<ApiState>) -> Response {
 }
 
 async fn ready(State(st): State<ApiState>) -> Response {
-    if (st.ready)() {
+    if st.readiness.is_ready() {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
     }
-}
-
-/// Binds the API's listener (port 0 picks a free one).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }
 
 /// How long shutdown waits for in-flight requests.

@@ -16,8 +16,6 @@
 //! sinks store once (de-duplication, idempotent Postgres writes).
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -32,7 +30,9 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc::error::TrySendError;
 
-use crate::{now_micros, Entry, Intake, Submission};
+use fleetpipe_pipeline::{now_micros, Entry, Ready, Source, SourceContext, Submission};
+
+use crate::{Error, Result};
 
 /// How long a full intake is waited for before the partitions are paused.
 const PAUSE_AFTER: Duration = Duration::from_millis(250);
@@ -57,10 +57,22 @@ pub struct KafkaConfig {
     pub properties: Vec<(String, String)>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum KafkaSourceError {
-    #[error("kafka consumer: {0}")]
-    Client(#[from] rdkafka::error::KafkaError),
+/// The Kafka source: a member of `cfg.group` on `cfg.topic`.
+#[derive(Debug, Clone)]
+pub struct KafkaSource {
+    pub cfg: KafkaConfig,
+}
+
+impl Source for KafkaSource {
+    type Error = Error;
+
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn run(self, ctx: SourceContext) -> Result<()> {
+        run(self.cfg, ctx).await
+    }
 }
 
 /// One partition's submitted, not yet committable entries, oldest first.
@@ -154,7 +166,7 @@ impl Tracker {
 struct Context {
     topic: String,
     tracker: Arc<Tracker>,
-    ready: Arc<AtomicBool>,
+    ready: Ready,
     revoke_wait: Duration,
 }
 
@@ -210,7 +222,7 @@ impl ConsumerContext for Context {
             Rebalance::Assign(tpl) => {
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 tracing::info!(?partitions, "kafka partitions assigned");
-                self.ready.store(true, Ordering::Release);
+                self.ready.set(true);
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => tracing::warn!(error = %e, "kafka rebalance error"),
@@ -253,16 +265,11 @@ fn received(m: &rdkafka::message::BorrowedMessage<'_>) -> Received {
     }
 }
 
-/// Connects, joins the group and feeds the intake until `shutdown` resolves; then drains:
-/// stops reading, waits (at most `revoke_wait`) for what it submitted to be durable, commits,
-/// and leaves the group. `ready` is set once the group has assigned this member its share.
-pub async fn run(
-    cfg: KafkaConfig,
-    intake: Intake,
-    rules: Arc<Rules>,
-    ready: Arc<AtomicBool>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), KafkaSourceError> {
+/// Connects, joins the group and feeds the intake until shutdown; then drains: stops reading,
+/// waits (at most `revoke_wait`) for what it submitted to be durable, commits, and leaves the
+/// group. `ready` is set once the group has assigned this member its share.
+async fn run(cfg: KafkaConfig, ctx: SourceContext) -> Result<()> {
+    let SourceContext { intake, rules, ready, shutdown, .. } = ctx;
     let tracker = Arc::new(Tracker::default());
     let context = Context {
         topic: cfg.topic.clone(),
@@ -291,11 +298,15 @@ pub async fn run(
     for (k, v) in &cfg.properties {
         client.set(k, v);
     }
-    let consumer: Arc<StreamConsumer<Context>> = Arc::new(client.create_with_context(context)?);
-    consumer.subscribe(&[cfg.topic.as_str()])?;
+    let consumer: Arc<StreamConsumer<Context>> = Arc::new(
+        client
+            .create_with_context(context)
+            .map_err(|source| Error::Kafka { what: "create the consumer", source })?,
+    );
+    consumer.subscribe(&[cfg.topic.as_str()]).map_err(|source| Error::Kafka { what: "subscribe", source })?;
     tracing::info!(topic = %cfg.topic, group = %cfg.group, "kafka source subscribed");
 
-    let mut shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = std::pin::pin!(shutdown.wait());
     let mut entry_no = 0u64;
     let mut last_store = Instant::now();
     let mut store_tick = tokio::time::interval(Duration::from_millis(200));
@@ -366,7 +377,7 @@ pub async fn run(
     }
 
     // Drain: what was submitted becomes durable, its offsets are committed, then we leave.
-    ready.store(false, Ordering::Release);
+    ready.set(false);
     tracing::info!("kafka source draining");
     let deadline = Instant::now() + cfg.revoke_wait;
     while !tracker.is_idle() && Instant::now() < deadline {

@@ -1,63 +1,50 @@
-//! fleetpipe's sources: MQTT (through rumqttc, against an external broker or the embedded
-//! rumqttd one), Kafka (rdkafka, a consumer group member) and HTTP (axum).
+//! fleetpipe's sources, each a [`fleetpipe_pipeline::Source`]: MQTT (through rumqttc, against
+//! an external broker or the embedded rumqttd one), Kafka (rdkafka, a consumer group member) and
+//! HTTP (axum, which also serves reads, metrics and probes).
 //!
-//! A source turns messages into [`Entry`]s (decoded, validated frames plus rejections) and
-//! submits them to the intake, a bounded queue in front of the write-ahead log. Each
-//! [`Submission`] carries a [`Completion`] that the log calls once the entry is durable; only
-//! then does the source acknowledge (MQTT PUBACK, HTTP 200). A full intake is the pushback:
-//! MQTT stops reading (and so withholds acks), HTTP answers 503 with `Retry-After`.
+//! A source turns messages into entries (decoded, validated frames plus rejections) and submits
+//! them to the intake; it acknowledges a message (MQTT PUBACK, HTTP 200, Kafka offset) only once
+//! the log reports its entry durable. A full intake is the pushback: MQTT stops reading (and so
+//! withholds acks), HTTP answers 503 with `Retry-After`, Kafka stops taking records.
 //!
-//! This crate knows nothing of sinks.
+//! Each module exports its `serde` config type and its source. This crate knows nothing of sinks.
 
 pub mod broker;
 pub mod http;
 pub mod kafka;
 pub mod mqtt;
 
-use fleetpipe_processors::{Decoded, Frame, Lsn, Micros, Rejection};
+use std::net::SocketAddr;
 
-/// What a source hands to the log: the outcome of decoding one or more messages.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Entry {
-    pub received_at: Micros,
-    pub frames: Vec<Frame>,
-    pub rejections: Vec<Rejection>,
+/// What a source can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    #[error(
+        "cannot listen on {addr} for the embedded MQTT broker: {source}. Another broker is probably \
+         running there: point fleetpipe at it with FLEETPIPE_MQTT_URL=mqtt://{addr} (or [mqtt] url in \
+         the config file), or move the embedded broker with FLEETPIPE_MQTT_LISTEN=127.0.0.1:PORT"
+    )]
+    BrokerAddrInUse {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("embedded MQTT broker: {0}")]
+    Broker(String),
+    #[error("kafka: {what}: {source}")]
+    Kafka {
+        what: &'static str,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("cannot listen on {addr} for HTTP (set FLEETPIPE_HTTP_ADDR): {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-impl Entry {
-    pub fn absorb(&mut self, decoded: Decoded) {
-        self.frames.extend(decoded.frames);
-        self.rejections.extend(decoded.rejections);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.frames.is_empty() && self.rejections.is_empty()
-    }
-}
-
-/// Why an entry could not be made durable.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum NotDurable {
-    #[error("write-ahead log failed: {0}")]
-    Log(String),
-    #[error("pipeline is shutting down")]
-    ShuttingDown,
-}
-
-/// Called once, by the log, when the entry is durable (with its LSN) or could not be made so.
-pub type Completion = Box<dyn FnOnce(Result<Lsn, NotDurable>) + Send>;
-
-/// An entry on its way to the log.
-pub struct Submission {
-    pub entry: Entry,
-    pub done: Option<Completion>,
-}
-
-/// The bounded intake queue in front of the log.
-pub type Intake = tokio::sync::mpsc::Sender<Submission>;
-
-/// The wall clock in microseconds since the epoch.
-pub fn now_micros() -> Micros {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    d.as_micros() as Micros
-}
+pub type Result<T, E = Error> = std::result::Result<T, E>;

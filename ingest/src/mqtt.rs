@@ -18,58 +18,141 @@
 //! disconnects: messages received but not yet submitted are left unacknowledged, and the broker
 //! redelivers them to this client id's session.
 
-use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use fleetpipe_pipeline::{now_micros, Entry, Intake, Ready, Source, SourceContext, Submission};
 use fleetpipe_processors::codec::{decode_message, Message};
 use fleetpipe_processors::validate::Rules;
 use fleetpipe_processors::Origin;
+use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::{now_micros, Entry, Intake, Submission};
+use crate::{Error, Result};
 
 /// MQTT protocol version spoken to the broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     V5,
     V311,
 }
 
-/// How the source connects and subscribes.
-#[derive(Debug, Clone)]
+/// `[mqtt]`: the broker fleetpipe subscribes to — an external one (`url`), or the embedded one.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    pub host: String,
-    pub port: u16,
+    /// External broker (`mqtt://host:port`). Unset: the embedded broker.
+    pub url: Option<String>,
+    /// The embedded broker's MQTT 3.1.1 address.
+    pub listen: SocketAddr,
+    /// The embedded broker's optional MQTT 5 address.
+    pub listen_v5: Option<SocketAddr>,
+    /// Protocol toward an external broker (the embedded one is always spoken to in 3.1.1).
     pub protocol: Protocol,
-    /// Stable per instance, so the instance resumes its own persistent session.
-    pub client_id: String,
+    /// Stable per instance (e.g. the pod name), so each instance resumes its own session.
+    pub client_id: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
     /// Topic filters; the contract's default is `vehicles/+/+`.
     pub topics: Vec<String>,
-    /// With a group, filters become `$share/{group}/{filter}` (MQTT 5 shared subscription).
+    /// MQTT 5 shared-subscription group (`$share/{group}/…`) for several instances.
     pub shared_group: Option<String>,
     /// 0 or 1.
     pub qos: u8,
-    pub keep_alive: Duration,
+    pub keep_alive_secs: u64,
     /// MQTT 5 Receive Maximum: the broker's in-flight window toward us.
     pub receive_maximum: u16,
     /// MQTT 5 session expiry: how long the broker keeps our session (and queues for us).
-    pub session_expiry: Duration,
+    pub session_expiry_secs: u64,
     /// Largest packet accepted (and announced to an MQTT 5 broker).
     pub max_packet_bytes: usize,
     /// Most messages folded into one log entry.
     pub batch_messages: usize,
+    /// Memory the embedded broker keeps per topic (also how far behind on one topic fleetpipe
+    /// may fall before that broker drops the oldest messages).
+    pub embedded_topic_buffer_kib: usize,
 }
 
-impl MqttConfig {
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            url: None,
+            listen: ([127, 0, 0, 1], 1883).into(),
+            listen_v5: None,
+            protocol: Protocol::V5,
+            client_id: None,
+            username: None,
+            password: None,
+            topics: vec!["vehicles/+/+".into()],
+            shared_group: None,
+            qos: 1,
+            keep_alive_secs: 30,
+            receive_maximum: 65_535,
+            session_expiry_secs: 7 * 24 * 3600,
+            max_packet_bytes: (16 << 20) + 65_536,
+            batch_messages: 1024,
+            embedded_topic_buffer_kib: 1024,
+        }
+    }
+}
+
+/// `mqtt://host:port` (or `tcp://`) → (host, port); the port defaults to 1883.
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16)> {
+    let bad = |why: &str| Error::Config(format!("MQTT url {url:?} {why}"));
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(|| bad("must start with mqtt://"))?;
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((h, p)) => Ok((h.to_string(), p.parse().map_err(|_| bad("has a bad port"))?)),
+        None if !rest.is_empty() => Ok((rest.to_string(), 1883)),
+        None => Err(bad("has no host")),
+    }
+}
+
+/// The MQTT source: a subscriber of the external broker, or of the embedded one.
+#[derive(Debug, Clone)]
+pub struct MqttSource {
+    cfg: MqttConfig,
+    host: String,
+    port: u16,
+    protocol: Protocol,
+    client_id: String,
+}
+
+impl MqttSource {
+    /// Subscribes to `cfg.url`, or to the embedded broker on `cfg.listen` (in MQTT 3.1.1),
+    /// as `client_id`.
+    pub fn new(cfg: &MqttConfig, client_id: String) -> Result<MqttSource> {
+        let (host, port, protocol) = match &cfg.url {
+            Some(url) => {
+                let (host, port) = parse_mqtt_url(url)?;
+                (host, port, cfg.protocol)
+            }
+            None => {
+                let l = cfg.listen;
+                let host = if l.ip().is_unspecified() { "127.0.0.1".to_string() } else { l.ip().to_string() };
+                (host, l.port(), Protocol::V311)
+            }
+        };
+        Ok(MqttSource { cfg: cfg.clone(), host, port, protocol, client_id })
+    }
+
+    /// Where the broker listens, `host:port`.
+    pub fn broker(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+
     fn filters(&self) -> Vec<String> {
-        self.topics
+        self.cfg
+            .topics
             .iter()
-            .map(|t| match &self.shared_group {
+            .map(|t| match &self.cfg.shared_group {
                 Some(g) => format!("$share/{g}/{t}"),
                 None => t.clone(),
             })
@@ -77,10 +160,16 @@ impl MqttConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum MqttError {
-    #[error("mqtt client error: {0}")]
-    Client(String),
+impl Source for MqttSource {
+    type Error = Error;
+
+    fn name(&self) -> &'static str {
+        "mqtt"
+    }
+
+    async fn run(self, ctx: SourceContext) -> Result<()> {
+        run(self, ctx).await
+    }
 }
 
 /// A received message, whichever the protocol version.
@@ -247,13 +336,15 @@ impl EventLoop {
     }
 }
 
-fn connect(cfg: &MqttConfig) -> (Client, EventLoop) {
+fn connect(src: &MqttSource) -> (Client, EventLoop) {
+    let cfg = &src.cfg;
+    let keep_alive = Duration::from_secs(cfg.keep_alive_secs.max(5));
     // Requests queued toward the event loop: acks mostly. One per in-flight message at most.
     let cap = usize::from(cfg.receive_maximum).max(64) + 64;
-    match cfg.protocol {
+    match src.protocol {
         Protocol::V311 => {
-            let mut o = rumqttc::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
-            o.set_keep_alive(cfg.keep_alive)
+            let mut o = rumqttc::MqttOptions::new(&src.client_id, &src.host, src.port);
+            o.set_keep_alive(keep_alive)
                 .set_clean_session(false)
                 .set_manual_acks(true)
                 // MQTT 3.1.1 cannot tell the broker our limit: read whatever it sends (up to
@@ -268,10 +359,10 @@ fn connect(cfg: &MqttConfig) -> (Client, EventLoop) {
             (Client::V4(c), EventLoop::V4(Box::new(el)))
         }
         Protocol::V5 => {
-            let mut o = rumqttc::v5::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
-            let expiry = u32::try_from(cfg.session_expiry.as_secs()).unwrap_or(u32::MAX);
+            let mut o = rumqttc::v5::MqttOptions::new(&src.client_id, &src.host, src.port);
+            let expiry = u32::try_from(cfg.session_expiry_secs).unwrap_or(u32::MAX);
             let max_packet = u32::try_from(cfg.max_packet_bytes).unwrap_or(u32::MAX);
-            o.set_keep_alive(cfg.keep_alive)
+            o.set_keep_alive(keep_alive)
                 .set_clean_start(false)
                 .set_session_expiry_interval(Some(expiry))
                 .set_manual_acks(true)
@@ -295,16 +386,12 @@ struct AckBatch {
     publishes: Vec<AckId>,
 }
 
-/// Runs the source until `shutdown` resolves, then drains (see the module header).
-/// `ready` turns true once every filter is subscribed.
-pub async fn run(
-    cfg: MqttConfig,
-    intake: Intake,
-    rules: Arc<Rules>,
-    ready: Arc<AtomicBool>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), MqttError> {
-    let (client, mut eventloop) = connect(&cfg);
+/// Runs the source until shutdown, then drains (see the module header). `ready` is set once
+/// every filter is subscribed.
+async fn run(src: MqttSource, ctx: SourceContext) -> Result<()> {
+    let SourceContext { intake, rules, ready, shutdown, .. } = ctx;
+    let cfg = &src.cfg;
+    let (client, mut eventloop) = connect(&src);
     let (raw_tx, raw_rx) = mpsc::channel::<(u64, Publish)>(usize::from(cfg.receive_maximum).max(1024));
     let (ack_tx, ack_rx) = mpsc::unbounded_channel::<AckBatch>();
     // A session the broker lost (session_present = false) invalidates older packet ids: acks
@@ -329,9 +416,9 @@ pub async fn run(
     ));
     let acker = tokio::spawn(ack_loop(ack_rx, client.clone(), epoch.clone()));
 
-    let filters = cfg.filters();
+    let filters = src.filters();
     let qos = cfg.qos;
-    let poll_ready = ready.clone();
+    let poll_ready: Ready = ready.clone();
     let poll_stopping = stopping.clone();
     let poll_client = client.clone();
     let (poll_leaving, poll_unsubacks, poll_last) =
@@ -370,7 +457,7 @@ pub async fn run(
                 }
                 Step::Subscribed { ok } => {
                     if ok {
-                        poll_ready.store(true, Ordering::Release);
+                        poll_ready.set(true);
                         tracing::info!("mqtt subscribed");
                     } else {
                         tracing::error!("mqtt broker refused a subscription");
@@ -386,7 +473,7 @@ pub async fn run(
                 }
                 Step::Other => {}
                 Step::Failed(e) => {
-                    poll_ready.store(false, Ordering::Release);
+                    poll_ready.set(false);
                     if poll_stopping.load(Ordering::Acquire) {
                         tracing::info!(error = %e, "mqtt connection closed while stopping");
                         return;
@@ -400,11 +487,11 @@ pub async fn run(
         }
     });
 
-    shutdown.await;
+    shutdown.wait().await;
     tracing::info!("mqtt source draining");
-    ready.store(false, Ordering::Release);
+    ready.set(false);
     if cfg.shared_group.is_some() {
-        leave_shared_subscription(&client, &cfg.filters(), &leaving, &unsubacks, started, &last_message_ms)
+        leave_shared_subscription(&client, &src.filters(), &leaving, &unsubacks, started, &last_message_ms)
             .await;
     }
     stopping.store(true, Ordering::Release);

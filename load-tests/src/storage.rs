@@ -7,12 +7,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fleetpipe_processors::codec::time::format_ts;
+use fleetpipe_pipeline::Sink;
+use fleetpipe_processors::time::format_ts;
+use fleetpipe_processors::Batch;
 use fleetpipe_processors::{Body, Frame, Location};
-use fleetpipe_sinks::parquet::{ParquetConfig, ParquetSink};
-use fleetpipe_sinks::postgres::{PostgresConfig, PostgresSink};
-use fleetpipe_sinks::redis_l2::{RedisConfig, RedisL2Sink};
-use fleetpipe_sinks::{Sink, SinkBatch};
+use fleetpipe_sinks::parquet::ParquetConfig;
+use fleetpipe_sinks::postgres::{self, PostgresConfig};
+use fleetpipe_sinks::redis::{RedisConfig, RedisL2Sink};
 
 /// `rows` location frames over `vehicles` vehicles, one second apart per vehicle, starting at
 /// `start_ms` (whole milliseconds, so that the CSV's text timestamps are exact).
@@ -113,12 +114,12 @@ pub(crate) fn pg_sink(
     let csv = dir.path().join("rows.csv");
     write_csv(&csv, &frames)?;
 
-    let mut cfg = PostgresConfig::new(url, dir.path().join("dead-letter"));
+    let mut cfg = PostgresConfig::new(url);
     cfg.schema = schema.to_owned();
-    let mut sink = PostgresSink::open(cfg).context("opening the postgres sink")?;
+    let mut sink = postgres::open(&cfg).context("opening the postgres sink")?;
     let mut lsn = 1u64;
     // Connects, migrates, creates the day partitions: outside the timed part.
-    sink.write(&SinkBatch { lsn, ..SinkBatch::default() })?;
+    sink.write(&Batch { lsn, ..Batch::default() })?;
     let table = format!("{schema}.locations");
     let columns = "vehicle_id, ts, seq, received_at, lat, lon, speed_kmh, heading_deg, alt_m, accuracy_m, \
                    satellites, odometer_m, ignition";
@@ -134,7 +135,7 @@ pub(crate) fn pg_sink(
         let started = Instant::now();
         for c in &chunks {
             lsn += 1;
-            sink.write(&SinkBatch { lsn, frames: c.clone(), rejections: Vec::new() })?;
+            sink.write(&Batch { lsn, frames: c.clone(), rejections: Vec::new() })?;
         }
         let sink_rate = rows as f64 / started.elapsed().as_secs_f64();
         let stored: u64 = psql(url, &format!("SELECT count(*) FROM {table}"))?.parse()?;
@@ -152,7 +153,7 @@ pub(crate) fn pg_sink(
     let started = Instant::now();
     for c in &chunks {
         lsn += 1;
-        sink.write(&SinkBatch { lsn, frames: c.clone(), rejections: Vec::new() })?;
+        sink.write(&Batch { lsn, frames: c.clone(), rejections: Vec::new() })?;
     }
     let redo_rate = rows as f64 / started.elapsed().as_secs_f64();
     let stored: u64 = psql(url, &format!("SELECT count(*) FROM {table}"))?.parse()?;
@@ -183,7 +184,7 @@ pub(crate) fn redis_l2(url: &str, prefix: &str, vehicles: u64, batches: u64) -> 
             f.seq = b + 1;
         }
         let started = Instant::now();
-        sink.write(&SinkBatch { lsn: b + 1, frames, rejections: Vec::new() })?;
+        sink.write(&Batch { lsn: b + 1, frames, rejections: Vec::new() })?;
         times.push(started.elapsed().as_secs_f64() * 1e3);
     }
     let stats = sink.stats();
@@ -315,10 +316,10 @@ pub(crate) fn parquet_bench(rows: u64, rounds: usize) -> anyhow::Result<()> {
     let start_ms = 1_795_640_400_000; // 2026-11-25T21:00:00Z, on the hour
     let all = frames(rows, 1000, start_ms);
     let chunks: Vec<&[Frame]> = all.chunks(8192).collect();
-    let batches: Vec<SinkBatch> = chunks
+    let batches: Vec<Batch> = chunks
         .iter()
         .enumerate()
-        .map(|(i, c)| SinkBatch { lsn: i as u64 + 1, frames: c.to_vec(), rejections: Vec::new() })
+        .map(|(i, c)| Batch { lsn: i as u64 + 1, frames: c.to_vec(), rejections: Vec::new() })
         .collect();
     let mut ratios = Vec::new();
     for round in 1..=rounds {
@@ -340,12 +341,12 @@ pub(crate) fn parquet_bench(rows: u64, rounds: usize) -> anyhow::Result<()> {
         writer.into_inner()?.sync_all()?;
         let limit = rows as f64 / started.elapsed().as_secs_f64();
 
-        let mut sink = ParquetSink::open(ParquetConfig::new(dir.path().join("sink")))?;
+        let mut sink = fleetpipe_sinks::parquet::open(&ParquetConfig::default(), &dir.path().join("sink"))?;
         let started = Instant::now();
         for b in &batches {
             sink.write(b)?;
         }
-        sink.close()?;
+        sink.flush()?;
         let ours = rows as f64 / started.elapsed().as_secs_f64();
         if sink.durable_lsn() != batches.len() as u64 {
             bail!("the sink did not commit every batch");

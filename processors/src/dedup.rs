@@ -15,6 +15,7 @@ use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use crate::frame::Frame;
+use crate::stage::{Batch, Counters, Stage};
 
 /// A hasher for values that already are well-mixed fingerprints.
 #[derive(Default)]
@@ -94,6 +95,16 @@ impl Dedup {
 
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()
+    }
+}
+
+impl Stage for Dedup {
+    fn name(&self) -> &'static str {
+        "dedup"
+    }
+
+    fn apply(&mut self, batch: &mut Batch, counters: &mut Counters) {
+        counters.duplicates += self.retain_new(&mut batch.frames) as u64;
     }
 }
 

@@ -92,6 +92,71 @@ pub struct Location {
     pub ignition: Option<bool>,
 }
 
+/// The range a measure must lie in (CONTRACT.md §1), checked by [`crate::validate`]. Every range
+/// also excludes NaN and the infinities.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Range {
+    Finite,
+    /// `>= 0`.
+    NonNegative,
+    /// `lo..=hi`.
+    Closed(f64, f64),
+    /// `lo..hi`.
+    HalfOpen(f64, f64),
+}
+
+/// An optional numeric field of a frame body: its contract name — also its JSON key and its
+/// column in Parquet and Postgres —, its range, and how to read and write it. Codecs, column
+/// layouts, validation and the L1 packing iterate [`Diagnostic::MEASURES`] instead of spelling
+/// the fields out each.
+#[derive(Clone, Copy)]
+pub struct Measure<B> {
+    pub name: &'static str,
+    pub range: Range,
+    pub get: fn(&B) -> Option<f64>,
+    pub set: fn(&mut B, Option<f64>),
+}
+
+impl<B> fmt::Debug for Measure<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Measure").field("name", &self.name).field("range", &self.range).finish()
+    }
+}
+
+macro_rules! measures {
+    ($body:ty; $($field:ident: $range:expr),* $(,)?) => {
+        [$(Measure::<$body> {
+            name: stringify!($field),
+            range: $range,
+            get: |b| b.$field,
+            set: |b, v| b.$field = v,
+        }),*]
+    };
+}
+
+impl Diagnostic {
+    /// The diagnostic measures, in the contract's order (the order of the JSON encoding and of
+    /// the Parquet and Postgres columns, after `received_at` and before `mil_on`).
+    pub const MEASURES: [Measure<Diagnostic>; 8] = measures!(Diagnostic;
+        engine_rpm: Range::NonNegative,
+        coolant_temp_c: Range::Finite,
+        engine_load_pct: Range::Closed(0.0, 100.0),
+        fuel_level_pct: Range::Closed(0.0, 100.0),
+        battery_soc_pct: Range::Closed(0.0, 100.0),
+        battery_v: Range::Finite,
+        engine_hours: Range::Finite,
+        odometer_m: Range::Finite,
+    );
+
+    /// Whether the frame says anything: a measure, `mil_on`, `dtcs` (even empty) or `signals`.
+    pub fn is_empty(&self) -> bool {
+        Self::MEASURES.iter().all(|m| (m.get)(self).is_none())
+            && self.mil_on.is_none()
+            && self.dtcs.is_none()
+            && self.signals.is_none()
+    }
+}
+
 /// Diagnostic fields.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Diagnostic {
@@ -132,15 +197,19 @@ pub enum Origin {
     Http,
     /// Kafka record.
     Kafka { topic: String, partition: i32, offset: i64 },
+    /// A frame fleetpipe had accepted, refused later by this sink (a value its store cannot
+    /// hold); the frame's own source is not kept in the log.
+    Sink { sink: String },
 }
 
 impl Origin {
-    /// Short source label for metrics (`frames_received_total{source}`).
-    pub fn source(&self) -> &'static str {
+    /// Short source label (`mqtt`, `http`, `kafka`, or the refusing sink's name).
+    pub fn source(&self) -> &str {
         match self {
             Origin::Mqtt { .. } => "mqtt",
             Origin::Http => "http",
             Origin::Kafka { .. } => "kafka",
+            Origin::Sink { sink } => sink,
         }
     }
 }
@@ -231,6 +300,14 @@ const ALL_REASONS: [Reason; 17] = [
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.code())
+    }
+}
+
+/// At most 64 characters of `s`, for echoing untrusted input in a rejection's detail.
+pub(crate) fn snippet(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((end, _)) => format!("{:?}…", s.get(..end).unwrap_or_default()),
+        None => format!("{s:?}"),
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use crate::frame::{Body, Diagnostic, Dtc, Frame, Location, Micros};
+use crate::stage::{Batch, Counters, Stage};
 
 /// What L1 keeps for one vehicle: the newest frame of each kind, shared (a batch that moves one
 /// kind forward does not copy the other).
@@ -71,6 +72,41 @@ pub struct LatestCache {
     mask: u64,
     hasher: std::collections::hash_map::RandomState,
     idle_secs: u32,
+}
+
+/// The latest-state stage: folds each shard batch into the shared cache (every shard holds a
+/// clone; a vehicle's writes come from its own shard).
+impl Stage for LatestCache {
+    fn name(&self) -> &'static str {
+        "latest"
+    }
+
+    fn apply(&mut self, batch: &mut Batch, _counters: &mut Counters) {
+        if !batch.frames.is_empty() {
+            LatestCache::apply(self, &batch.frames);
+        }
+    }
+}
+
+/// `[cache]`: the L1 bounds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub max_vehicles: u64,
+    pub idle_ttl_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { max_vehicles: 1_000_000, idle_ttl_secs: 24 * 3600 }
+    }
+}
+
+impl CacheConfig {
+    /// An empty cache with these bounds.
+    pub fn open(&self) -> LatestCache {
+        LatestCache::new(self.max_vehicles, Duration::from_secs(self.idle_ttl_secs.max(1)))
+    }
 }
 
 /// Vehicles per bucket at `max_vehicles`: enough to spread moka's per-entry cost thin, few
@@ -384,9 +420,8 @@ type DiagExtra = (Option<Vec<Dtc>>, Option<String>);
 
 struct PackedDiagnostic {
     stamp: Stamp,
-    /// engine_rpm, coolant_temp_c, engine_load_pct, fuel_level_pct, battery_soc_pct, battery_v,
-    /// engine_hours, odometer_m.
-    vals: [f64; 8],
+    /// [`Diagnostic::MEASURES`], in that order.
+    vals: [f64; Diagnostic::MEASURES.len()],
     /// Bits 0–7: `vals`; 8: mil_on.
     present: u16,
     mil_on: bool,
@@ -396,19 +431,9 @@ struct PackedDiagnostic {
 
 impl PackedDiagnostic {
     fn pack(stamp: Stamp, d: &Diagnostic) -> Self {
-        let (mut vals, mut present) = ([0.0; 8], 0u16);
-        let all = [
-            d.engine_rpm,
-            d.coolant_temp_c,
-            d.engine_load_pct,
-            d.fuel_level_pct,
-            d.battery_soc_pct,
-            d.battery_v,
-            d.engine_hours,
-            d.odometer_m,
-        ];
-        for (i, v) in all.into_iter().enumerate() {
-            put(&mut vals, &mut present, i, v);
+        let (mut vals, mut present) = ([0.0; Diagnostic::MEASURES.len()], 0u16);
+        for (i, m) in Diagnostic::MEASURES.iter().enumerate() {
+            put(&mut vals, &mut present, i, (m.get)(d));
         }
         if d.mil_on.is_some() {
             present |= 1 << 8;
@@ -419,21 +444,17 @@ impl PackedDiagnostic {
     }
 
     fn unpack(&self) -> Diagnostic {
-        let v = |i| take(&self.vals, self.present, i);
         let (dtcs, signals) = self.extra.as_deref().cloned().unwrap_or_default();
-        Diagnostic {
-            engine_rpm: v(0),
-            coolant_temp_c: v(1),
-            engine_load_pct: v(2),
-            fuel_level_pct: v(3),
-            battery_soc_pct: v(4),
-            battery_v: v(5),
-            engine_hours: v(6),
-            odometer_m: v(7),
+        let mut d = Diagnostic {
             mil_on: (self.present & (1 << 8) != 0).then_some(self.mil_on),
             dtcs,
             signals,
+            ..Diagnostic::default()
+        };
+        for (i, m) in Diagnostic::MEASURES.iter().enumerate() {
+            (m.set)(&mut d, take(&self.vals, self.present, i));
         }
+        d
     }
 }
 

@@ -5,14 +5,25 @@
 //! benchmarked on its own. Sources (`fleetpipe-ingest`) and sinks (`fleetpipe-sinks`) depend on
 //! it; it depends on neither.
 //!
+//! Modules form a one-way chain: the frame model ([`frame`]) → [`time`] and the `signals` bag →
+//! [`validate`] → [`codec`]; [`stage`] and the stages ([`dedup`], [`latest`], [`events`]) sit on
+//! the model. Nothing points back up the chain.
+//!
 //! Stages never fail on bad data: they return what they accepted and a list of rejections.
 
 pub mod codec;
 pub mod dedup;
+pub mod events;
 pub mod frame;
+mod json_util;
 pub mod latest;
+mod signals;
+pub mod stage;
+pub mod time;
 pub mod validate;
 
 pub use frame::{
-    Body, Decoded, Diagnostic, Dtc, Frame, Kind, Location, Lsn, Micros, Origin, Reason, Rejection,
+    Body, Decoded, Diagnostic, Dtc, Frame, Kind, Location, Lsn, Measure, Micros, Origin, Range, Reason,
+    Rejection,
 };
+pub use stage::{Batch, Counters, Stage};

@@ -5,8 +5,8 @@
 //! human-readable sentence naming the field and the offending value (`lat 91.5 outside -90..90`).
 //! The codecs call these after decoding; [`frame`] runs every check on a [`Frame`] built anywhere.
 
-use crate::codec::time::{MAX_TS, MIN_TS};
-use crate::frame::{Body, Diagnostic, Dtc, Frame, Location, Micros, Reason};
+use crate::frame::{snippet, Body, Diagnostic, Dtc, Frame, Location, Micros, Range, Reason};
+use crate::time::{format_ts, parse_rfc3339, MAX_TS, MIN_TS};
 
 /// Limits that are configurable (the rest of the contract is fixed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +25,41 @@ impl Default for Rules {
     }
 }
 
+/// `[validate]`: the configurable limits, as the config file gives them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidateConfig {
+    /// Frames further ahead of the receiving clock are rejected (`future_ts`).
+    pub max_future_secs: u64,
+    /// Optional lower bound on `ts` (RFC 3339); none by default: backfills are normal.
+    pub min_ts: Option<String>,
+    /// A single MQTT message or Kafka record larger than this is rejected (`oversized`).
+    pub max_payload_bytes: usize,
+}
+
+impl Default for ValidateConfig {
+    fn default() -> Self {
+        ValidateConfig { max_future_secs: 24 * 3600, min_ts: None, max_payload_bytes: 16 << 20 }
+    }
+}
+
+impl ValidateConfig {
+    /// The rules these settings make; `Err` names a `min_ts` that is not RFC 3339.
+    pub fn rules(&self) -> Result<Rules, String> {
+        let min_ts = match &self.min_ts {
+            Some(s) => {
+                Some(parse_rfc3339(s).ok_or_else(|| format!("validate.min_ts {s:?} is not RFC 3339"))?)
+            }
+            None => None,
+        };
+        Ok(Rules {
+            max_future_us: (self.max_future_secs as i64).saturating_mul(1_000_000),
+            min_ts,
+            max_payload_bytes: self.max_payload_bytes,
+        })
+    }
+}
+
 /// A failed check: the reason (metric label) and a human-readable detail.
 pub type Fail = (Reason, String);
 
@@ -33,14 +68,6 @@ pub type Check = Result<(), Fail>;
 
 /// Longest vehicle id the contract allows.
 pub const MAX_VEHICLE_ID_LEN: usize = 64;
-
-/// At most 64 characters of `s`, for echoing untrusted input in a detail.
-pub(crate) fn snippet(s: &str) -> String {
-    match s.char_indices().nth(64) {
-        Some((end, _)) => format!("{:?}…", s.get(..end).unwrap_or_default()),
-        None => format!("{s:?}"),
-    }
-}
 
 /// Runs every check on `frame`, with `frame.received_at` as the receiving clock.
 pub fn frame(frame: &Frame, rules: &Rules) -> Check {
@@ -101,20 +128,16 @@ pub fn ts(ts: Micros, received_at: Micros, rules: &Rules) -> Check {
             Reason::FutureTs,
             format!(
                 "ts {} is more than {} s ahead of the receiving clock {}",
-                crate::codec::format_ts(ts),
+                format_ts(ts),
                 rules.max_future_us / 1_000_000,
-                crate::codec::format_ts(received_at)
+                format_ts(received_at)
             ),
         ));
     }
     match rules.min_ts {
         Some(min) if ts < min => Err((
             Reason::PastTs,
-            format!(
-                "ts {} is before the lower bound {}",
-                crate::codec::format_ts(ts),
-                crate::codec::format_ts(min)
-            ),
+            format!("ts {} is before the lower bound {}", format_ts(ts), format_ts(min)),
         )),
         _ => Ok(()),
     }
@@ -129,47 +152,33 @@ pub fn seq(seq: u64) -> Check {
     }
 }
 
-/// The range a measure must lie in.
-#[derive(Clone, Copy)]
-enum Bound {
-    /// Any finite value.
-    Finite,
-    /// `>= 0`.
-    NonNegative,
-    /// `lo..=hi`.
-    Closed(f64, f64),
-    /// `lo..hi`.
-    HalfOpen(f64, f64),
-}
-
-impl Bound {
-    #[inline]
-    fn holds(self, v: f64) -> bool {
-        v.is_finite()
-            && match self {
-                Bound::Finite => true,
-                Bound::NonNegative => v >= 0.0,
-                Bound::Closed(lo, hi) => lo <= v && v <= hi,
-                Bound::HalfOpen(lo, hi) => lo <= v && v < hi,
-            }
-    }
+/// Whether `v` lies in `range` (and is finite).
+#[inline]
+fn holds(range: Range, v: f64) -> bool {
+    v.is_finite()
+        && match range {
+            Range::Finite => true,
+            Range::NonNegative => v >= 0.0,
+            Range::Closed(lo, hi) => lo <= v && v <= hi,
+            Range::HalfOpen(lo, hi) => lo <= v && v < hi,
+        }
 }
 
 #[cold]
-fn out_of_range(name: &str, v: f64, bound: Bound) -> Fail {
+fn out_of_range(name: &str, v: f64, bound: Range) -> Fail {
     let range = match bound {
         _ if !v.is_finite() => "is not a finite number".to_owned(),
-        Bound::Finite => "is not a finite number".to_owned(),
-        Bound::NonNegative => "is negative".to_owned(),
-        Bound::Closed(lo, hi) => format!("outside {lo}..{hi}"),
-        Bound::HalfOpen(lo, hi) => format!("outside [{lo}, {hi})"),
+        Range::Finite => "is not a finite number".to_owned(),
+        Range::NonNegative => "is negative".to_owned(),
+        Range::Closed(lo, hi) => format!("outside {lo}..{hi}"),
+        Range::HalfOpen(lo, hi) => format!("outside [{lo}, {hi})"),
     };
     (Reason::OutOfRange, format!("{name} {v} {range}"))
 }
 
 #[inline]
-fn measure(name: &str, v: f64, bound: Bound) -> Check {
-    if bound.holds(v) {
+fn measure(name: &str, v: f64, bound: Range) -> Check {
+    if holds(bound, v) {
         Ok(())
     } else {
         Err(out_of_range(name, v, bound))
@@ -177,7 +186,7 @@ fn measure(name: &str, v: f64, bound: Bound) -> Check {
 }
 
 #[inline]
-fn optional(name: &str, v: Option<f64>, bound: Bound) -> Check {
+fn optional(name: &str, v: Option<f64>, bound: Range) -> Check {
     match v {
         Some(v) => measure(name, v, bound),
         None => Ok(()),
@@ -186,29 +195,23 @@ fn optional(name: &str, v: Option<f64>, bound: Bound) -> Check {
 
 /// Location ranges; `lat == 0 && lon == 0` is a missing fix.
 pub fn location(l: &Location) -> Check {
-    measure("lat", l.lat, Bound::Closed(-90.0, 90.0))?;
-    measure("lon", l.lon, Bound::Closed(-180.0, 180.0))?;
+    measure("lat", l.lat, Range::Closed(-90.0, 90.0))?;
+    measure("lon", l.lon, Range::Closed(-180.0, 180.0))?;
     if l.lat == 0.0 && l.lon == 0.0 {
         return Err((Reason::NoFix, "lat 0, lon 0: the device has no position fix".to_owned()));
     }
-    optional("speed_kmh", l.speed_kmh, Bound::NonNegative)?;
-    optional("heading_deg", l.heading_deg, Bound::HalfOpen(0.0, 360.0))?;
-    optional("alt_m", l.alt_m, Bound::Finite)?;
-    optional("accuracy_m", l.accuracy_m, Bound::NonNegative)?;
-    optional("odometer_m", l.odometer_m, Bound::Finite)
+    optional("speed_kmh", l.speed_kmh, Range::NonNegative)?;
+    optional("heading_deg", l.heading_deg, Range::HalfOpen(0.0, 360.0))?;
+    optional("alt_m", l.alt_m, Range::Finite)?;
+    optional("accuracy_m", l.accuracy_m, Range::NonNegative)?;
+    optional("odometer_m", l.odometer_m, Range::Finite)
 }
 
 /// Diagnostic ranges and DTCs (not `signals`: see [`signals`]).
 pub fn diagnostic(d: &Diagnostic) -> Check {
-    const PCT: Bound = Bound::Closed(0.0, 100.0);
-    optional("engine_rpm", d.engine_rpm, Bound::NonNegative)?;
-    optional("coolant_temp_c", d.coolant_temp_c, Bound::Finite)?;
-    optional("engine_load_pct", d.engine_load_pct, PCT)?;
-    optional("fuel_level_pct", d.fuel_level_pct, PCT)?;
-    optional("battery_soc_pct", d.battery_soc_pct, PCT)?;
-    optional("battery_v", d.battery_v, Bound::Finite)?;
-    optional("engine_hours", d.engine_hours, Bound::Finite)?;
-    optional("odometer_m", d.odometer_m, Bound::Finite)?;
+    for m in &Diagnostic::MEASURES {
+        optional(m.name, (m.get)(d), m.range)?;
+    }
     for dtc in d.dtcs.iter().flatten() {
         self::dtc(dtc)?;
     }
@@ -277,7 +280,7 @@ pub fn j1939(spn: u64, fmi: u64, oc: u64, sa: u64) -> Result<Dtc, Fail> {
 /// Checks a `signals` object given as JSON text (values number | bool | string only) and returns
 /// its canonical text (keys sorted, no whitespace).
 pub fn signals(json: &str) -> Result<String, Fail> {
-    crate::codec::json::canonical_signals(json).map_err(|d| (Reason::InvalidSignals, d))
+    crate::signals::canonical(json).map_err(|d| (Reason::InvalidSignals, d))
 }
 
 #[cfg(test)]

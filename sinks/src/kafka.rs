@@ -14,15 +14,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleetpipe_pipeline::{Sink, SinkError};
 use fleetpipe_processors::codec::json::encode_json;
-use fleetpipe_processors::{Lsn, Origin};
+use fleetpipe_processors::{Batch, Lsn, Origin};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 
-use crate::{Sink, SinkBatch, SinkError};
+use crate::{io_err, Error, Result};
 
 const NAME: &str = "kafka";
 
@@ -82,13 +83,14 @@ fn origin_header(origin: &Origin) -> String {
     match origin {
         Origin::Mqtt { topic } => topic.clone(),
         Origin::Http => "http".to_owned(),
+        Origin::Sink { sink } => sink.clone(),
         Origin::Kafka { topic, partition, offset } => format!("{topic}/{partition}/{offset}"),
     }
 }
 
 impl KafkaSink {
     /// Creates the producer; connections are made on use.
-    pub fn open(cfg: KafkaSinkConfig) -> Result<KafkaSink, SinkError> {
+    pub fn open(cfg: KafkaSinkConfig) -> Result<KafkaSink> {
         let deliveries = Arc::new(Deliveries::default());
         let mut client = ClientConfig::new();
         client
@@ -104,25 +106,25 @@ impl KafkaSink {
         }
         let producer = client
             .create_with_context(Context(deliveries.clone()))
-            .map_err(|e| SinkError::Kafka(format!("creating the producer: {e}")))?;
+            .map_err(|source| Error::Kafka { what: "create the producer", source })?;
         let durable = match std::fs::read_to_string(&cfg.checkpoint) {
             Ok(text) => text
                 .trim()
                 .parse::<Lsn>()
-                .map_err(|e| SinkError::Checkpoint { path: cfg.checkpoint.clone(), detail: e.to_string() })?,
+                .map_err(|e| Error::Checkpoint { path: cfg.checkpoint.clone(), detail: e.to_string() })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(source) => return Err(SinkError::Io { path: cfg.checkpoint.clone(), source }),
+            Err(source) => return Err(io_err(&cfg.checkpoint, source)),
         };
         Ok(KafkaSink { cfg, producer, deliveries, durable, saved: durable, json: Vec::with_capacity(512) })
     }
 
-    fn save_checkpoint(&mut self) -> Result<(), SinkError> {
+    fn save_checkpoint(&mut self) -> Result<()> {
         if self.durable == self.saved {
             return Ok(());
         }
         let path = &self.cfg.checkpoint;
         let tmp = path.with_extension("tmp");
-        let io = |source| SinkError::Io { path: path.clone(), source };
+        let io = |source| io_err(path, source);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
@@ -133,7 +135,7 @@ impl KafkaSink {
     }
 
     /// Sends one record, waiting (serving delivery reports) while librdkafka's queue is full.
-    fn send(&self, record: BaseRecord<'_, [u8], [u8]>) -> Result<(), SinkError> {
+    fn send(&self, record: BaseRecord<'_, [u8], [u8]>) -> Result<()> {
         let mut record = record;
         loop {
             match self.producer.send(record) {
@@ -142,7 +144,7 @@ impl KafkaSink {
                     record = r;
                     self.producer.poll(Duration::from_millis(10));
                 }
-                Err((e, _)) => return Err(SinkError::Kafka(e.to_string())),
+                Err((source, _)) => return Err(Error::Kafka { what: "send", source }),
             }
         }
     }
@@ -157,10 +159,25 @@ impl Sink for KafkaSink {
         self.durable
     }
 
-    fn write(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
-        if batch.lsn <= self.durable {
-            return Ok(());
-        }
+    fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        Ok(self.write_batch(batch)?)
+    }
+
+    fn tick(&mut self, _now: Instant) -> Result<(), SinkError> {
+        self.producer.poll(Duration::ZERO);
+        Ok(self.save_checkpoint()?)
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        self.producer
+            .flush(self.cfg.flush_timeout)
+            .map_err(|source| Error::Kafka { what: "flush", source })?;
+        Ok(self.save_checkpoint()?)
+    }
+}
+
+impl KafkaSink {
+    fn write_batch(&mut self, batch: &Batch) -> Result<()> {
         let started = Instant::now();
         let mut json = std::mem::take(&mut self.json);
         let mut sent = 0u64;
@@ -193,15 +210,15 @@ impl Sink for KafkaSink {
         if sent + rejected > 0 {
             self.producer
                 .flush(self.cfg.flush_timeout)
-                .map_err(|e| SinkError::Kafka(format!("flush: {e}")))?;
+                .map_err(|source| Error::Kafka { what: "flush", source })?;
             let failed = self.deliveries.failed.swap(0, Ordering::Relaxed);
             if failed > 0 {
                 let last = self.deliveries.last_error.lock().ok().and_then(|mut l| l.take());
-                return Err(SinkError::Kafka(format!(
-                    "{failed} of {} records not delivered ({}); the batch is sent again",
-                    sent + rejected,
-                    last.unwrap_or_default()
-                )));
+                return Err(Error::KafkaUndelivered {
+                    failed,
+                    records: sent + rejected,
+                    last: last.unwrap_or_default(),
+                });
             }
             metrics::counter!("fleetpipe_frames_written_total", "sink" => NAME).increment(sent);
             metrics::counter!("fleetpipe_kafka_dlq_records_total").increment(rejected);
@@ -215,15 +232,5 @@ impl Sink for KafkaSink {
         }
         self.durable = batch.lsn;
         Ok(())
-    }
-
-    fn tick(&mut self, _now: Instant) -> Result<(), SinkError> {
-        self.producer.poll(Duration::ZERO);
-        self.save_checkpoint()
-    }
-
-    fn close(&mut self) -> Result<(), SinkError> {
-        self.producer.flush(self.cfg.flush_timeout).map_err(|e| SinkError::Kafka(format!("flush: {e}")))?;
-        self.save_checkpoint()
     }
 }

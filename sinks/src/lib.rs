@@ -1,45 +1,34 @@
-//! fleetpipe's durable destinations.
+//! fleetpipe's sinks, each a [`fleetpipe_pipeline::Sink`] fed from the write-ahead log by the
+//! pipeline's driver:
 //!
-//! - [`wal`]: fleetpipe's own write-ahead log. Sources append to it; an append is acknowledged
-//!   (MQTT PUBACK, HTTP 200) once its group commit is fsync'd. Every other sink is fed from it
-//!   and records how far it got, so a crash replays exactly what a sink had not made durable.
-//! - [`parquet`]: hive-partitioned Parquet history.
-//! - [`dead_letter`]: every rejected frame, with its reason, raw bytes and source.
-//! - [`postgres`], [`redis_l2`]: history and the L2 latest-state cache.
+//! - [`parquet`]: hive-partitioned Parquet history, and [`dead_letter`]: every rejected frame
+//!   with its reason, raw bytes and source — both through [`files`], the one rolling-file
+//!   mechanism (write aside, publish by generations with a checkpoint).
+//! - [`postgres`]: day-partitioned history (and its reader for the API).
+//! - [`redis`]: the L2 latest-state cache (and its reader).
 //! - [`kafka`]: the clean and dead-letter topics for stream consumers.
 //!
-//! Sinks are driven by one generic loop ([`driver::spawn`]) that owns timers, retries and
-//! per-sink metrics, so no sink re-implements them. A sink sees batches in WAL order.
+//! Each module exports its `serde` config type (closed, defaults in one place) and an `open`.
+//! This crate knows nothing of sources.
 
 pub mod dead_letter;
-pub mod driver;
+pub mod files;
 pub mod kafka;
 pub mod parquet;
 pub mod postgres;
-pub mod redis_l2;
-pub mod rolling;
-pub mod wal;
+pub mod redis;
 
-use std::time::Instant;
+use std::path::PathBuf;
 
-use fleetpipe_processors::{Frame, Lsn, Rejection};
+use fleetpipe_pipeline::SinkError;
+use fleetpipe_processors::Lsn;
 
-/// What a sink receives: the accepted frames and the rejections of a run of WAL records, in WAL
-/// order. `lsn` is the highest WAL position the batch covers: once a sink has made this batch
-/// durable, its checkpoint may move to `lsn`.
-#[derive(Debug, Default)]
-pub struct SinkBatch {
-    pub lsn: Lsn,
-    pub frames: Vec<Frame>,
-    pub rejections: Vec<Rejection>,
-}
-
-/// Failures of a sink; the driver retries with backoff and holds the batch meanwhile.
+/// Everything a sink can fail with; [`Error::is_retryable`] decides what the driver does.
 #[derive(Debug, thiserror::Error)]
-pub enum SinkError {
+pub enum Error {
     #[error("i/o error on {path}: {source}")]
     Io {
-        path: std::path::PathBuf,
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -48,74 +37,84 @@ pub enum SinkError {
     #[error("arrow error: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
     #[error("corrupt checkpoint {path}: {detail}")]
-    Checkpoint { path: std::path::PathBuf, detail: String },
+    Checkpoint { path: PathBuf, detail: String },
     #[error("corrupt file {path}: {detail}")]
-    Corrupt { path: std::path::PathBuf, detail: String },
+    Corrupt { path: PathBuf, detail: String },
     #[error("json error: {0}")]
     Json(#[from] serde_json::Error),
-    /// Reading the write-ahead log back failed (a sink catching up).
-    #[error(transparent)]
-    Wal(#[from] wal::WalError),
     /// The sink lost its uncommitted files (a write or `fsync` failed half way, leaving files it
-    /// cannot trust) and must be reopened: the WAL then replays everything after `durable`.
-    /// Retrying the same call cannot help.
+    /// cannot trust) and must be reopened: the log then replays everything after `durable`.
     #[error(
         "{sink} sink discarded its uncommitted files after an unrecoverable error ({detail}); \
-         reopen it so that the WAL replays everything after lsn {durable}"
+         reopen it so that the log replays everything after lsn {durable}"
     )]
     Poisoned { sink: &'static str, durable: Lsn, detail: String },
-    /// Redis (the L2 cache) failed or returned what fleetpipe cannot read. The L2 sink never
-    /// returns it from `write`; the L2 reader does.
-    #[error("redis: {0}")]
-    Redis(String),
-    /// The sink's thread could not be started or panicked.
-    #[error("{sink} sink thread: {detail}")]
-    Thread { sink: &'static str, detail: String },
+    /// A Redis call failed.
+    #[error("redis: {what}: {source}")]
+    Redis {
+        what: &'static str,
+        #[source]
+        source: ::redis::RedisError,
+    },
+    /// Redis failed recently; readers fail fast for a while instead of waiting on it.
+    #[error("redis L2 unavailable (circuit breaker open)")]
+    RedisUnavailable,
     /// Kafka refused or did not acknowledge records in time; the batch is sent again.
-    #[error("kafka: {0}")]
-    Kafka(String),
-    /// A Postgres call failed in a way a retry can fix: the connection was refused or lost, the
-    /// server is shutting down or out of resources, a lock or serialization conflict. The sink
-    /// reconnects on its next call.
+    #[error("kafka: {what}: {source}")]
+    Kafka {
+        what: &'static str,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("kafka: {failed} of {records} records not delivered ({last}); the batch is sent again")]
+    KafkaUndelivered { failed: u64, records: u64, last: String },
+    /// A Postgres call failed; whether a retry can fix it follows its SQLSTATE
+    /// ([`postgres::is_retryable`]).
+    #[error("postgres: {what}: {}", postgres::describe(.source))]
+    Postgres {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("postgres: {what}: no answer after {after:?}")]
+    PostgresTimeout { what: &'static str, after: std::time::Duration },
+    #[error("postgres: not connected")]
+    PostgresNotConnected,
     #[error("postgres: {0}")]
-    Postgres(String),
-    /// A Postgres error that retrying the same call cannot fix: an invalid schema name, a
-    /// missing table, permission denied, failed authentication.
-    #[error("postgres, not retryable: {0}")]
-    PostgresFatal(String),
+    PostgresSchema(String),
+    #[error("postgres: log position {0} does not fit a bigint")]
+    PostgresLsn(Lsn),
+    #[error("could not start a runtime: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
-impl SinkError {
-    /// Whether retrying the failed call can succeed. `false` for [`SinkError::Poisoned`],
-    /// [`SinkError::Thread`] and [`SinkError::PostgresFatal`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether retrying the failed call can succeed: everything but a poisoned sink, a
+    /// runtime that could not start, and what Postgres says no retry can fix (a bad schema
+    /// name, a missing table, permission denied, failed authentication).
     pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
-            SinkError::Poisoned { .. }
-                | SinkError::Thread { .. }
-                | SinkError::PostgresFatal(_)
-                | SinkError::Wal(_)
-        )
+        match self {
+            Error::Postgres { source, .. } => postgres::is_retryable(source),
+            Error::Poisoned { .. } | Error::PostgresSchema(_) | Error::PostgresLsn(_) | Error::Runtime(_) => {
+                false
+            }
+            _ => true,
+        }
     }
 }
 
-/// A destination fed from the WAL. Methods may block: each sink runs on its own thread.
-pub trait Sink: Send {
-    /// Short name, the `sink` label of metrics (`parquet`, `dead_letter`, ...).
-    fn name(&self) -> &'static str;
-    /// Everything up to this WAL position is durable here (read from the checkpoint at open,
-    /// advanced by `tick`/`close`). The WAL replays from the position after it.
-    fn durable_lsn(&self) -> Lsn;
-    /// Take a batch. It need not be durable on return.
-    fn write(&mut self, batch: &SinkBatch) -> Result<(), SinkError>;
-    /// Called often; rolls and commits whatever is due (age, size).
-    fn tick(&mut self, now: Instant) -> Result<(), SinkError>;
-    /// Make everything written durable now (a flush, the drain, shutdown). The sink stays
-    /// usable: writes may follow.
-    fn close(&mut self) -> Result<(), SinkError>;
-    /// Whether the sink stores what it is given, so that acknowledgements may wait for it
-    /// (`[pipeline] ack = "sinks"`). A cache answers `false`.
-    fn is_durable(&self) -> bool {
-        true
+impl From<Error> for SinkError {
+    fn from(e: Error) -> Self {
+        if e.is_retryable() {
+            SinkError::Retry(e.into())
+        } else {
+            SinkError::Fatal(e.into())
+        }
     }
+}
+
+pub(crate) fn io_err(path: &std::path::Path, source: std::io::Error) -> Error {
+    Error::Io { path: path.to_path_buf(), source }
 }

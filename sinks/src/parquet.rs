@@ -1,20 +1,19 @@
-//! Hive-partitioned Parquet history (CONTRACT.md §5).
+//! Hive-partitioned Parquet history (CONTRACT.md §5), a [`Format`] under the rolling-file
+//! mechanism ([`crate::files`]).
 //!
 //! Layout: `{root}/locations/date=YYYY-MM-DD/hour=HH/part-{g:010}-{n:04}.parquet` and the same
-//! under `diagnostics/`, partitioned by the frame's event time `ts` (UTC). One file is open per
-//! (kind, date, hour) partition the current generation touched; files are written aside under
-//! hidden `.part-….parquet.tmp` names and published all at once by a roll (see
-//! [`crate::rolling`]). The sink's checkpoint is `{root}/_fleetpipe/parquet/checkpoint.json`.
+//! under `diagnostics/`, partitioned by the frame's event time `ts` (UTC). The sink's checkpoint
+//! is `{root}/_fleetpipe/parquet/checkpoint.json`.
 //!
 //! Columns carry the contract's JSON names; `ts` and `received_at` are
 //! `TIMESTAMP(MICROS, UTC)`, `dtcs` a list of `{code, spn, fmi, oc, sa}` structs (members that do
 //! not apply are null), `signals` JSON text. A value the frame did not carry is NULL.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ::parquet::arrow::ArrowWriter;
 use ::parquet::basic::{Compression, ZstdLevel};
@@ -25,25 +24,25 @@ use arrow::array::{
 };
 use arrow::buffer::{NullBuffer, OffsetBuffer};
 use arrow::datatypes::{DataType, Field, FieldRef, Fields, Schema, SchemaRef, TimeUnit};
-use fleetpipe_processors::{Body, Diagnostic, Dtc, Frame, Kind, Location, Lsn, Micros};
+use fleetpipe_processors::time::{date_string, hour_of};
+use fleetpipe_processors::{Batch, Body, Diagnostic, Dtc, Frame, Kind, Location, Micros};
+use serde::Deserialize;
 
-use crate::rolling::{self, PendingFile, RollingDir, MICROS_PER_HOUR};
-use crate::{Sink, SinkBatch, SinkError};
+use crate::files::rolling::RollingDir;
+use crate::files::{Format, RollPolicy, RollingSink};
+use crate::Result;
 
-const NAME: &str = "parquet";
-const EXT: &str = "parquet";
 /// More partitions than this open at once (a wide backfill) rolls before the next batch, to
 /// bound the memory of the writers' buffered row groups and the number of open descriptors.
 pub const MAX_OPEN_FILES: usize = 256;
 
-/// Settings of the Parquet sink.
-#[derive(Debug, Clone, PartialEq)]
+/// `[parquet]`: the Parquet history.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ParquetConfig {
-    /// `{data_dir}`: files go under `locations/` and `diagnostics/`, control files under
-    /// `_fleetpipe/parquet/`. Other sinks may share this directory.
-    pub root: PathBuf,
-    /// Roll (publish all open files) once the oldest open file is this old.
-    pub roll_after: Duration,
+    pub enabled: bool,
+    /// Open files are closed (and become visible) at least this often (seconds).
+    pub roll_secs: f64,
     /// Roll once any open file holds this many rows.
     pub max_file_rows: usize,
     /// Rows per row group.
@@ -52,12 +51,11 @@ pub struct ParquetConfig {
     pub zstd_level: i32,
 }
 
-impl ParquetConfig {
-    /// Defaults (30 s, 1,000,000 rows per file, 128 Ki rows per row group, ZSTD 3) under `root`.
-    pub fn new(root: impl Into<PathBuf>) -> ParquetConfig {
+impl Default for ParquetConfig {
+    fn default() -> ParquetConfig {
         ParquetConfig {
-            root: root.into(),
-            roll_after: Duration::from_secs(30),
+            enabled: true,
+            roll_secs: 30.0,
             max_file_rows: 1_000_000,
             row_group_rows: 128 * 1024,
             zstd_level: 3,
@@ -65,11 +63,37 @@ impl ParquetConfig {
     }
 }
 
-impl Default for ParquetConfig {
-    /// [`ParquetConfig::new`] under `./data`.
-    fn default() -> ParquetConfig {
-        ParquetConfig::new("data")
-    }
+/// The Parquet sink.
+pub type ParquetSink = RollingSink<ParquetFormat>;
+
+/// Opens the Parquet sink under `{root}`: files go under `locations/` and `diagnostics/`,
+/// control files under `_fleetpipe/parquet/` (other sinks may share `root`). Reads its
+/// checkpoint and deletes what an interrupted generation left; `durable_lsn()` is then the
+/// checkpoint's lsn.
+pub fn open(cfg: &ParquetConfig, root: &Path) -> Result<ParquetSink> {
+    let level = ZstdLevel::try_new(cfg.zstd_level)?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(level))
+        .set_max_row_group_row_count(Some(cfg.row_group_rows.max(1)))
+        .set_created_by(format!("fleetpipe {}", env!("CARGO_PKG_VERSION")))
+        .build();
+    let dir = RollingDir::open(
+        root.join("_fleetpipe").join(ParquetFormat::SINK),
+        Kind::ALL.iter().map(|k| root.join(kind_dir(*k))).collect(),
+        ParquetFormat::EXT,
+    )?;
+    let policy = RollPolicy {
+        roll_after: Duration::from_secs_f64(cfg.roll_secs.max(0.0)),
+        max_file_rows: cfg.max_file_rows,
+        max_open_files: MAX_OPEN_FILES,
+    };
+    let format = ParquetFormat {
+        root: root.to_path_buf(),
+        props,
+        location_schema: location_schema(),
+        diagnostic_schema: diagnostic_schema(),
+    };
+    Ok(RollingSink::new(format, policy, dir))
 }
 
 /// Directory of a kind under `{data_dir}`.
@@ -84,24 +108,35 @@ fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }
 
-/// Schema of `locations` files.
-pub fn location_schema() -> SchemaRef {
-    let f64n = |name: &str| Field::new(name, DataType::Float64, true);
-    Arc::new(Schema::new(vec![
+/// The columns every row starts with.
+fn head_fields() -> [Field; 4] {
+    [
         Field::new("vehicle_id", DataType::Utf8, false),
         Field::new("ts", ts_type(), false),
         Field::new("seq", DataType::Int64, false),
         Field::new("received_at", ts_type(), false),
+    ]
+}
+
+fn f64_field(name: &str) -> Field {
+    Field::new(name, DataType::Float64, true)
+}
+
+/// Schema of `locations` files.
+pub fn location_schema() -> SchemaRef {
+    let mut fields = head_fields().to_vec();
+    fields.extend([
         Field::new("lat", DataType::Float64, false),
         Field::new("lon", DataType::Float64, false),
-        f64n("speed_kmh"),
-        f64n("heading_deg"),
-        f64n("alt_m"),
-        f64n("accuracy_m"),
+        f64_field("speed_kmh"),
+        f64_field("heading_deg"),
+        f64_field("alt_m"),
+        f64_field("accuracy_m"),
         Field::new("satellites", DataType::Int64, true),
-        f64n("odometer_m"),
+        f64_field("odometer_m"),
         Field::new("ignition", DataType::Boolean, true),
-    ]))
+    ]);
+    Arc::new(Schema::new(fields))
 }
 
 /// Members of a `dtcs` item: `code` for OBD-II/UDS codes, `spn`/`fmi`/`oc`/`sa` for J1939.
@@ -121,349 +156,86 @@ fn dtc_item_field() -> FieldRef {
 
 /// Schema of `diagnostics` files.
 pub fn diagnostic_schema() -> SchemaRef {
-    let f64n = |name: &str| Field::new(name, DataType::Float64, true);
-    Arc::new(Schema::new(vec![
-        Field::new("vehicle_id", DataType::Utf8, false),
-        Field::new("ts", ts_type(), false),
-        Field::new("seq", DataType::Int64, false),
-        Field::new("received_at", ts_type(), false),
-        f64n("engine_rpm"),
-        f64n("coolant_temp_c"),
-        f64n("engine_load_pct"),
-        f64n("fuel_level_pct"),
-        f64n("battery_soc_pct"),
-        f64n("battery_v"),
-        f64n("engine_hours"),
-        f64n("odometer_m"),
+    let mut fields = head_fields().to_vec();
+    fields.extend(Diagnostic::MEASURES.iter().map(|m| f64_field(m.name)));
+    fields.extend([
         Field::new("mil_on", DataType::Boolean, true),
         Field::new("dtcs", DataType::List(dtc_item_field()), true),
         Field::new("signals", DataType::Utf8, true),
-    ]))
+    ]);
+    Arc::new(Schema::new(fields))
 }
 
 /// A partition: kind and hour since the epoch (which gives date and hour).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct PartKey {
+pub struct PartKey {
     kind: Kind,
     hour: i64,
 }
 
-impl PartKey {
-    fn of(frame: &Frame) -> PartKey {
-        PartKey { kind: frame.kind(), hour: frame.ts.div_euclid(MICROS_PER_HOUR) }
-    }
-}
-
-struct OpenFile {
-    writer: ArrowWriter<File>,
-    pending: PendingFile,
-    rows: usize,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct PendingCommit {
-    lsn: Lsn,
-    rows: u64,
-    reason: &'static str,
-}
-
-/// The Parquet sink. Dropping it without [`Sink::close`] publishes nothing (like a crash): the
-/// open files stay temporary and are deleted at the next open, and the WAL replays them.
-pub struct ParquetSink {
-    cfg: ParquetConfig,
-    dir: RollingDir,
+/// Parquet files of locations and diagnostics, by kind, date and hour of `ts`.
+pub struct ParquetFormat {
+    root: PathBuf,
     props: WriterProperties,
     location_schema: SchemaRef,
     diagnostic_schema: SchemaRef,
-    open: HashMap<PartKey, OpenFile>,
-    /// When the oldest open file was opened.
-    oldest_open: Option<Instant>,
-    /// Rows of the fullest open file.
-    max_rows: usize,
-    /// A roll whose files are closed and staged but whose commit failed; retried first.
-    pending: Option<PendingCommit>,
-    poisoned: Option<String>,
-    durable: Lsn,
-    /// Lsn of the last batch taken.
-    last_lsn: Lsn,
-    last_checkpoint: Instant,
 }
 
-impl std::fmt::Debug for ParquetSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ParquetSink")
-            .field("root", &self.cfg.root)
-            .field("open_files", &self.open.len())
-            .field("durable", &self.durable)
-            .field("last_lsn", &self.last_lsn)
-            .field("generation", &self.dir.generation())
-            .finish_non_exhaustive()
-    }
-}
-
-impl ParquetSink {
-    /// Opens the sink: reads its checkpoint and deletes what an interrupted generation left
-    /// (see [`crate::rolling`]). `durable_lsn()` is then the checkpoint's lsn.
-    pub fn open(cfg: ParquetConfig) -> Result<ParquetSink, SinkError> {
-        let level = ZstdLevel::try_new(cfg.zstd_level)?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(level))
-            .set_max_row_group_row_count(Some(cfg.row_group_rows.max(1)))
-            .set_created_by(format!("fleetpipe {}", env!("CARGO_PKG_VERSION")))
-            .build();
-        let dir = RollingDir::open(
-            cfg.root.join("_fleetpipe").join(NAME),
-            Kind::ALL.iter().map(|k| cfg.root.join(kind_dir(*k))).collect(),
-            EXT,
-        )?;
-        let lsn = dir.checkpoint().lsn;
-        tracing::info!(
-            sink = NAME,
-            root = %cfg.root.display(),
-            lsn,
-            generation = dir.checkpoint().generation,
-            "opened parquet sink"
-        );
-        Ok(ParquetSink {
-            cfg,
-            dir,
-            props,
-            location_schema: location_schema(),
-            diagnostic_schema: diagnostic_schema(),
-            open: HashMap::new(),
-            oldest_open: None,
-            max_rows: 0,
-            pending: None,
-            poisoned: None,
-            durable: lsn,
-            last_lsn: lsn,
-            last_checkpoint: Instant::now(),
-        })
-    }
-
-    /// Number of files currently open (written aside, not yet published).
-    pub fn open_files(&self) -> usize {
-        self.open.len()
-    }
-
-    /// What opening cleaned up.
-    pub fn recovery(&self) -> rolling::Recovery {
-        self.dir.recovery()
-    }
-
-    fn partition_dir(&self, key: PartKey) -> PathBuf {
-        let day = key.hour.div_euclid(24);
-        let hour = key.hour.rem_euclid(24);
-        self.cfg
-            .root
-            .join(kind_dir(key.kind))
-            .join(format!("date={}", rolling::date_string(day)))
-            .join(format!("hour={hour:02}"))
-    }
-
+impl ParquetFormat {
     fn schema(&self, kind: Kind) -> &SchemaRef {
         match kind {
             Kind::Location => &self.location_schema,
             Kind::Diagnostic => &self.diagnostic_schema,
         }
     }
-
-    /// Fails when poisoned; completes a roll whose commit failed before.
-    fn ready(&mut self) -> Result<(), SinkError> {
-        if let Some(detail) = &self.poisoned {
-            return Err(SinkError::Poisoned { sink: NAME, durable: self.durable, detail: detail.clone() });
-        }
-        self.finish_commit()
-    }
-
-    /// Closes every open file and publishes them with a checkpoint at the last batch's lsn.
-    fn roll(&mut self, reason: &'static str) -> Result<(), SinkError> {
-        if self.pending.is_none() {
-            let open = std::mem::take(&mut self.open);
-            self.oldest_open = None;
-            self.max_rows = 0;
-            let mut rows = 0u64;
-            let mut failure = None;
-            let mut discard = Vec::new();
-            for (_, f) in open {
-                let OpenFile { writer, pending, rows: n } = f;
-                if failure.is_some() || n == 0 {
-                    drop(writer);
-                    discard.push(pending.tmp);
-                    continue;
-                }
-                // `into_inner` writes the last row group and the footer.
-                match writer.into_inner() {
-                    Ok(file) => match self.dir.stage(pending, file) {
-                        Ok(()) => rows += n as u64,
-                        Err(e) => failure = Some(e),
-                    },
-                    Err(e) => {
-                        discard.push(pending.tmp);
-                        failure = Some(e.into());
-                    }
-                }
-            }
-            for tmp in &discard {
-                rolling::remove_quietly(tmp);
-            }
-            if let Some(e) = failure {
-                return Err(self.poison(e));
-            }
-            self.pending = Some(PendingCommit { lsn: self.last_lsn, rows, reason });
-        }
-        self.finish_commit()
-    }
-
-    fn finish_commit(&mut self) -> Result<(), SinkError> {
-        let Some(p) = self.pending else {
-            return Ok(());
-        };
-        let files = self.dir.commit(p.lsn)?;
-        self.pending = None;
-        self.durable = self.durable.max(p.lsn);
-        self.last_checkpoint = Instant::now();
-        metrics::counter!("fleetpipe_frames_written_total", "sink" => NAME).increment(p.rows);
-        metrics::counter!("fleetpipe_parquet_files_total").increment(files as u64);
-        if files > 0 {
-            tracing::info!(
-                sink = NAME,
-                files,
-                rows = p.rows,
-                lsn = p.lsn,
-                generation = self.dir.checkpoint().generation,
-                reason = p.reason,
-                "rolled parquet files"
-            );
-        } else {
-            tracing::debug!(sink = NAME, lsn = p.lsn, reason = p.reason, "moved checkpoint");
-        }
-        Ok(())
-    }
-
-    /// Drops every uncommitted file and refuses further work: the data written since the last
-    /// commit is gone from this sink, only a reopen (and the WAL's replay) restores it.
-    fn poison(&mut self, cause: SinkError) -> SinkError {
-        for (_, f) in self.open.drain() {
-            drop(f.writer);
-            rolling::remove_quietly(&f.pending.tmp);
-        }
-        self.dir.abandon();
-        self.pending = None;
-        self.oldest_open = None;
-        self.max_rows = 0;
-        let detail = cause.to_string();
-        tracing::error!(sink = NAME, error = %detail, durable = self.durable, "parquet sink poisoned");
-        self.poisoned = Some(detail.clone());
-        SinkError::Poisoned { sink: NAME, durable: self.durable, detail }
-    }
 }
 
-impl Sink for ParquetSink {
-    fn name(&self) -> &'static str {
-        NAME
-    }
+impl Format for ParquetFormat {
+    const SINK: &'static str = "parquet";
+    const EXT: &'static str = "parquet";
+    type Key = PartKey;
+    type Chunk = RecordBatch;
+    type Writer = ArrowWriter<File>;
 
-    fn durable_lsn(&self) -> Lsn {
-        self.durable
-    }
-
-    fn write(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
-        self.ready()?;
-        if self.last_lsn > 0 && batch.lsn <= self.last_lsn {
-            tracing::debug!(sink = NAME, lsn = batch.lsn, last = self.last_lsn, "skipped replayed batch");
-            return Ok(());
-        }
-        if batch.frames.is_empty() {
-            self.last_lsn = batch.lsn;
-            if self.open.is_empty() {
-                self.durable = batch.lsn;
-            }
-            return Ok(());
-        }
-
+    fn encode(&self, batch: &Batch) -> Result<BTreeMap<PartKey, RecordBatch>> {
         let mut groups: BTreeMap<PartKey, Vec<&Frame>> = BTreeMap::new();
         for frame in &batch.frames {
-            groups.entry(PartKey::of(frame)).or_default().push(frame);
+            groups.entry(PartKey { kind: frame.kind(), hour: hour_of(frame.ts) }).or_default().push(frame);
         }
-        let new_parts = groups.keys().filter(|k| !self.open.contains_key(k)).count();
-        if !self.open.is_empty() && self.open.len() + new_parts > MAX_OPEN_FILES {
-            self.roll("open_files")?;
-        }
-
-        // Build every record batch before touching a file, so that an error leaves nothing
-        // half-written.
-        let mut built = HashMap::with_capacity(groups.len());
-        for (key, frames) in &groups {
-            let rb = match key.kind {
-                Kind::Location => location_batch(self.schema(key.kind), frames)?,
-                Kind::Diagnostic => diagnostic_batch(self.schema(key.kind), frames)?,
-            };
-            built.insert(*key, rb);
-        }
-
-        // Open the files this batch needs (a failure here has written nothing; a file opened
-        // but left empty is dropped at the roll).
-        let now = Instant::now();
-        for key in groups.keys() {
-            if self.open.contains_key(key) {
-                continue;
-            }
-            let dir = self.partition_dir(*key);
-            let (pending, file) = self.dir.create(&dir)?;
-            let schema = self.schema(key.kind).clone();
-            let writer = match ArrowWriter::try_new(file, schema, Some(self.props.clone())) {
-                Ok(w) => w,
-                Err(e) => {
-                    rolling::remove_quietly(&pending.tmp);
-                    return Err(e.into());
-                }
-            };
-            self.open.insert(*key, OpenFile { writer, pending, rows: 0 });
-            self.oldest_open.get_or_insert(now);
-        }
-
-        // Append. A failure here leaves a writer in an unknown state: poison.
-        let mut failure = None;
-        for (key, f) in self.open.iter_mut() {
-            let Some(rb) = built.get(key) else { continue };
-            if let Err(e) = f.writer.write(rb) {
-                failure = Some(SinkError::from(e));
-                break;
-            }
-            f.rows += rb.num_rows();
-            self.max_rows = self.max_rows.max(f.rows);
-        }
-        if let Some(e) = failure {
-            return Err(self.poison(e));
-        }
-        self.last_lsn = batch.lsn;
-        Ok(())
+        groups
+            .into_iter()
+            .map(|(key, frames)| {
+                let rb = match key.kind {
+                    Kind::Location => location_batch(self.schema(key.kind), &frames)?,
+                    Kind::Diagnostic => diagnostic_batch(self.schema(key.kind), &frames)?,
+                };
+                Ok((key, rb))
+            })
+            .collect()
     }
 
-    fn tick(&mut self, now: Instant) -> Result<(), SinkError> {
-        self.ready()?;
-        let due = rolling::roll_due(rolling::RollState {
-            oldest_open: self.oldest_open,
-            fullest: self.max_rows,
-            max_per_file: self.cfg.max_file_rows,
-            roll_after: self.cfg.roll_after,
-            unsaved: self.last_lsn > self.dir.checkpoint().lsn,
-            last_checkpoint: self.last_checkpoint,
-            now,
-        });
-        match due {
-            Some(why) => self.roll(why),
-            None => Ok(()),
-        }
+    fn rows(chunk: &RecordBatch) -> usize {
+        chunk.num_rows()
     }
 
-    fn close(&mut self) -> Result<(), SinkError> {
-        self.ready()?;
-        if !self.open.is_empty() || self.last_lsn > self.dir.checkpoint().lsn {
-            self.roll("close")?;
-        }
-        Ok(())
+    fn dir(&self, key: PartKey) -> PathBuf {
+        self.root
+            .join(kind_dir(key.kind))
+            .join(format!("date={}", date_string(key.hour.div_euclid(24))))
+            .join(format!("hour={:02}", key.hour.rem_euclid(24)))
+    }
+
+    fn create(&self, key: PartKey, file: File) -> Result<ArrowWriter<File>> {
+        Ok(ArrowWriter::try_new(file, self.schema(key.kind).clone(), Some(self.props.clone()))?)
+    }
+
+    fn append(&self, writer: &mut ArrowWriter<File>, chunk: &RecordBatch) -> Result<()> {
+        Ok(writer.write(chunk)?)
+    }
+
+    fn finish(&self, writer: ArrowWriter<File>) -> Result<File> {
+        // `into_inner` writes the last row group and the footer.
+        Ok(writer.into_inner()?)
     }
 }
 
@@ -476,7 +248,17 @@ fn seq_i64(seq: u64) -> i64 {
     seq as i64
 }
 
-fn location_batch(schema: &SchemaRef, frames: &[&Frame]) -> Result<RecordBatch, SinkError> {
+/// The columns of [`head_fields`].
+fn head_columns<B>(rows: &[(&Frame, &B)]) -> Vec<ArrayRef> {
+    vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|(f, _)| f.vehicle_id.as_str()))),
+        ts_array(rows.iter().map(|(f, _)| f.ts)),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|(f, _)| seq_i64(f.seq)))),
+        ts_array(rows.iter().map(|(f, _)| f.received_at)),
+    ]
+}
+
+fn location_batch(schema: &SchemaRef, frames: &[&Frame]) -> Result<RecordBatch> {
     let rows: Vec<(&Frame, &Location)> = frames
         .iter()
         .filter_map(|f| match &f.body {
@@ -487,12 +269,9 @@ fn location_batch(schema: &SchemaRef, frames: &[&Frame]) -> Result<RecordBatch, 
     let f64col = |get: fn(&Location) -> Option<f64>| -> ArrayRef {
         Arc::new(rows.iter().map(|(_, l)| get(l)).collect::<Float64Array>())
     };
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|(f, _)| f.vehicle_id.as_str()))),
-        ts_array(rows.iter().map(|(f, _)| f.ts)),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|(f, _)| seq_i64(f.seq)))),
-        ts_array(rows.iter().map(|(f, _)| f.received_at)),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|(_, l)| l.lat))),
+    let mut columns = head_columns(&rows);
+    columns.extend([
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|(_, l)| l.lat))) as ArrayRef,
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|(_, l)| l.lon))),
         f64col(|l| l.speed_kmh),
         f64col(|l| l.heading_deg),
@@ -501,11 +280,11 @@ fn location_batch(schema: &SchemaRef, frames: &[&Frame]) -> Result<RecordBatch, 
         Arc::new(rows.iter().map(|(_, l)| l.satellites.map(i64::from)).collect::<Int64Array>()),
         f64col(|l| l.odometer_m),
         Arc::new(rows.iter().map(|(_, l)| l.ignition).collect::<BooleanArray>()),
-    ];
+    ]);
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
-fn diagnostic_batch(schema: &SchemaRef, frames: &[&Frame]) -> Result<RecordBatch, SinkError> {
+fn diagnostic_batch(schema: &SchemaRef, frames: &[&Frame]) -> Result<RecordBatch> {
     let rows: Vec<(&Frame, &Diagnostic)> = frames
         .iter()
         .filter_map(|f| match &f.body {
@@ -513,32 +292,21 @@ fn diagnostic_batch(schema: &SchemaRef, frames: &[&Frame]) -> Result<RecordBatch
             Body::Location(_) => None,
         })
         .collect();
-    let f64col = |get: fn(&Diagnostic) -> Option<f64>| -> ArrayRef {
-        Arc::new(rows.iter().map(|(_, d)| get(d)).collect::<Float64Array>())
-    };
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(rows.iter().map(|(f, _)| f.vehicle_id.as_str()))),
-        ts_array(rows.iter().map(|(f, _)| f.ts)),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|(f, _)| seq_i64(f.seq)))),
-        ts_array(rows.iter().map(|(f, _)| f.received_at)),
-        f64col(|d| d.engine_rpm),
-        f64col(|d| d.coolant_temp_c),
-        f64col(|d| d.engine_load_pct),
-        f64col(|d| d.fuel_level_pct),
-        f64col(|d| d.battery_soc_pct),
-        f64col(|d| d.battery_v),
-        f64col(|d| d.engine_hours),
-        f64col(|d| d.odometer_m),
-        Arc::new(rows.iter().map(|(_, d)| d.mil_on).collect::<BooleanArray>()),
+    let mut columns = head_columns(&rows);
+    for m in &Diagnostic::MEASURES {
+        columns.push(Arc::new(rows.iter().map(|(_, d)| (m.get)(d)).collect::<Float64Array>()));
+    }
+    columns.extend([
+        Arc::new(rows.iter().map(|(_, d)| d.mil_on).collect::<BooleanArray>()) as ArrayRef,
         Arc::new(dtcs_array(rows.iter().map(|(_, d)| d.dtcs.as_deref()))?),
         Arc::new(rows.iter().map(|(_, d)| d.signals.as_deref()).collect::<StringArray>()),
-    ];
+    ]);
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
 /// `List<Struct{code, spn, fmi, oc, sa}>`: null for a frame without `dtcs`, empty for an empty
 /// list; `code` for OBD-II/UDS codes, the J1939 members otherwise, the rest null.
-fn dtcs_array<'a>(lists: impl ExactSizeIterator<Item = Option<&'a [Dtc]>>) -> Result<ListArray, SinkError> {
+fn dtcs_array<'a>(lists: impl ExactSizeIterator<Item = Option<&'a [Dtc]>>) -> Result<ListArray> {
     let n = lists.len();
     let mut lengths = Vec::with_capacity(n);
     let mut valid = Vec::with_capacity(n);

@@ -10,8 +10,15 @@ use arrow::array::{
 };
 use arrow::datatypes::{DataType, Field, TimeUnit};
 use fleetpipe_processors::{Body, Diagnostic, Dtc, Frame, Location, Lsn, Micros};
-use fleetpipe_sinks::parquet::{diagnostic_schema, location_schema, ParquetConfig, ParquetSink};
-use fleetpipe_sinks::{Sink, SinkBatch};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fleetpipe_pipeline::driver::{spawn, DriverConfig, LogAccess};
+use fleetpipe_pipeline::{NotDurable, Sink, SinkError};
+use fleetpipe_processors::Batch;
+use fleetpipe_sinks::parquet::{
+    self as parquet_sink, diagnostic_schema, location_schema, ParquetConfig, ParquetSink,
+};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::reader::{FileReader, SerializedFileReader};
@@ -35,12 +42,16 @@ fn diag(vehicle: &str, ts: Micros, seq: u64, body: Diagnostic) -> Frame {
     }
 }
 
-fn batch(lsn: Lsn, frames: Vec<Frame>) -> SinkBatch {
-    SinkBatch { lsn, frames, rejections: Vec::new() }
+fn batch(lsn: Lsn, frames: Vec<Frame>) -> Batch {
+    Batch { lsn, frames, rejections: Vec::new() }
 }
 
-fn config(root: &Path) -> ParquetConfig {
-    ParquetConfig { roll_after: Duration::from_secs(3600), ..ParquetConfig::new(root) }
+fn config() -> ParquetConfig {
+    ParquetConfig { roll_secs: 3600.0, ..ParquetConfig::default() }
+}
+
+fn open(cfg: ParquetConfig, root: &Path) -> ParquetSink {
+    parquet_sink::open(&cfg, root).unwrap()
 }
 
 /// Every file under `root`, relative, sorted.
@@ -154,7 +165,7 @@ fn full_diagnostic() -> Diagnostic {
 fn frames_of_both_kinds_across_two_hours_and_a_date_boundary_read_back_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let mut sink = ParquetSink::open(config(root)).unwrap();
+    let mut sink = open(config(), root);
     assert_eq!(sink.durable_lsn(), 0);
 
     let t22 = DAY_2026_11_25 + 22 * HOUR + 10 * MINUTE;
@@ -201,7 +212,7 @@ fn frames_of_both_kinds_across_two_hours_and_a_date_boundary_read_back_exactly()
     assert_eq!(sink.open_files(), 5);
     sink.write(&batch(8, vec![])).unwrap();
     assert_eq!(sink.durable_lsn(), 0, "files are open: lsn 8 is not durable yet");
-    sink.close().unwrap();
+    sink.flush().unwrap();
     assert_eq!(sink.durable_lsn(), 8);
 
     let mut expected_files: Vec<String> =
@@ -329,7 +340,7 @@ fn frames_of_both_kinds_across_two_hours_and_a_date_boundary_read_back_exactly()
 fn files_become_visible_only_at_a_roll_and_tmp_names_escape_parquet_globs() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let mut sink = ParquetSink::open(config(root)).unwrap();
+    let mut sink = open(config(), root);
     let t = DAY_2026_11_25 + 22 * HOUR;
     sink.write(&batch(1, vec![loc("V1", t, 1, full_location())])).unwrap();
     let open = data_files(root);
@@ -349,7 +360,7 @@ fn a_crash_after_a_roll_keeps_exactly_the_committed_files_and_the_wal_replays_th
     let t = DAY_2026_11_25 + 22 * HOUR;
     let later = Instant::now() + Duration::from_secs(7200);
     {
-        let mut sink = ParquetSink::open(config(root)).unwrap();
+        let mut sink = open(config(), root);
         sink.write(&batch(1, vec![loc("V1", t, 1, full_location())])).unwrap();
         sink.write(&batch(2, vec![diag("V1", t, 2, full_diagnostic())])).unwrap();
         sink.tick(later).unwrap();
@@ -367,17 +378,17 @@ fn a_crash_after_a_roll_keeps_exactly_the_committed_files_and_the_wal_replays_th
         committed
     );
 
-    let mut sink = ParquetSink::open(config(root)).unwrap();
+    let mut sink = open(config(), root);
     assert_eq!(sink.durable_lsn(), 2);
     assert_eq!(sink.recovery().removed_tmp, 2);
     assert_eq!(sink.recovery().removed_uncommitted, 0);
     assert_eq!(data_files(root), committed, "no tmp files left");
 
-    // The WAL replays from the position after the checkpoint; a batch already durable is skipped.
-    sink.write(&batch(2, vec![diag("V1", t, 2, full_diagnostic())])).unwrap();
+    // The log replays from the position after the checkpoint (the driver never hands a sink a
+    // batch it already holds: see pipeline/tests/driver.rs).
     sink.write(&batch(3, vec![loc("V1", t + 1, 3, full_location())])).unwrap();
     sink.write(&batch(4, vec![loc("V1", t + 2 * HOUR, 4, full_location())])).unwrap();
-    sink.close().unwrap();
+    sink.flush().unwrap();
     assert_eq!(sink.durable_lsn(), 4);
     assert_eq!(checkpoint(root), serde_json::json!({"lsn": 4, "generation": 2}));
     assert_eq!(
@@ -408,9 +419,9 @@ fn a_file_renamed_without_its_checkpoint_is_deleted_on_open_and_foreign_files_ar
     let root = dir.path();
     let t = DAY_2026_11_25 + 22 * HOUR;
     {
-        let mut sink = ParquetSink::open(config(root)).unwrap();
+        let mut sink = open(config(), root);
         sink.write(&batch(5, vec![loc("V1", t, 1, full_location())])).unwrap();
-        sink.close().unwrap();
+        sink.flush().unwrap();
         assert_eq!(sink.durable_lsn(), 5);
     }
     // A crash between the renames of generation 2 and its checkpoint.
@@ -427,7 +438,7 @@ fn a_file_renamed_without_its_checkpoint_is_deleted_on_open_and_foreign_files_ar
     fs::write(dl.join(".part-0000000009-0000.ndjson.tmp"), b"{}").unwrap();
     fs::write(dl.join("part-0000000009-0000.ndjson"), b"{}").unwrap();
 
-    let mut sink = ParquetSink::open(config(root)).unwrap();
+    let mut sink = open(config(), root);
     assert_eq!(sink.durable_lsn(), 5);
     assert_eq!(sink.recovery().removed_uncommitted, 2);
     assert_eq!(sink.recovery().removed_tmp, 1);
@@ -442,7 +453,7 @@ fn a_file_renamed_without_its_checkpoint_is_deleted_on_open_and_foreign_files_ar
     );
     // The next generation reuses number 2 for the replayed data.
     sink.write(&batch(6, vec![loc("V1", t + 1, 2, full_location())])).unwrap();
-    sink.close().unwrap();
+    sink.flush().unwrap();
     assert!(part.join("part-0000000002-0000.parquet").exists());
     assert_eq!(checkpoint(root), serde_json::json!({"lsn": 6, "generation": 2}));
 }
@@ -452,7 +463,7 @@ fn batches_without_frames_advance_the_durable_lsn_only_when_no_file_is_open() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let t = DAY_2026_11_25 + 22 * HOUR;
-    let mut sink = ParquetSink::open(config(root)).unwrap();
+    let mut sink = open(config(), root);
     sink.write(&batch(3, vec![])).unwrap();
     assert_eq!(sink.durable_lsn(), 3, "nothing to write: durable at once");
     sink.write(&batch(4, vec![loc("V1", t, 1, full_location())])).unwrap();
@@ -468,7 +479,7 @@ fn batches_without_frames_advance_the_durable_lsn_only_when_no_file_is_open() {
     assert_eq!(checkpoint(root)["lsn"], 9);
     assert_eq!(data_files(root), vec![LOC_22.to_string()]);
     drop(sink);
-    let sink = ParquetSink::open(config(root)).unwrap();
+    let sink = open(config(), root);
     assert_eq!(sink.durable_lsn(), 9);
 }
 
@@ -477,8 +488,7 @@ fn a_file_reaching_max_file_rows_rolls_at_the_next_tick_with_the_configured_row_
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let t = DAY_2026_11_25 + 22 * HOUR;
-    let mut sink =
-        ParquetSink::open(ParquetConfig { max_file_rows: 5, row_group_rows: 2, ..config(root) }).unwrap();
+    let mut sink = open(ParquetConfig { max_file_rows: 5, row_group_rows: 2, ..config() }, root);
     let frames = |from: u64, n: u64| {
         (from..from + n).map(|i| loc("V1", t + i as i64, i, full_location())).collect::<Vec<_>>()
     };
@@ -498,7 +508,7 @@ fn a_file_reaching_max_file_rows_rolls_at_the_next_tick_with_the_configured_row_
 fn a_wide_backfill_is_split_into_several_generations_instead_of_holding_every_partition_open() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let mut sink = ParquetSink::open(config(root)).unwrap();
+    let mut sink = open(config(), root);
     let max = fleetpipe_sinks::parquet::MAX_OPEN_FILES as i64;
     let t0 = DAY_2026_11_25 - 1000 * 24 * HOUR; // a backfill years ago
     for i in 0..max + 10 {
@@ -507,7 +517,7 @@ fn a_wide_backfill_is_split_into_several_generations_instead_of_holding_every_pa
         assert!(sink.open_files() <= max as usize);
     }
     assert_eq!(sink.durable_lsn(), max as u64);
-    sink.close().unwrap();
+    sink.flush().unwrap();
     let parquet: Vec<PathBuf> =
         data_files(root).into_iter().filter(|f| f.ends_with(".parquet")).map(PathBuf::from).collect();
     assert_eq!(parquet.len(), (max + 10) as usize);
@@ -517,6 +527,54 @@ fn a_wide_backfill_is_split_into_several_generations_instead_of_holding_every_pa
 #[test]
 fn an_invalid_zstd_level_is_refused_at_open() {
     let dir = tempfile::tempdir().unwrap();
-    let err = ParquetSink::open(ParquetConfig { zstd_level: 99, ..config(dir.path()) }).unwrap_err();
+    let err = parquet_sink::open(&ParquetConfig { zstd_level: 99, ..config() }, dir.path()).unwrap_err();
     assert!(err.to_string().contains("parquet"), "{err}");
+}
+
+/// A log with nothing to replay or keep, for a sink under the driver.
+struct NoLog;
+
+impl LogAccess for NoLog {
+    fn replay(
+        &self,
+        _: Lsn,
+        _: Lsn,
+        _: &mut dyn FnMut(Batch) -> Result<(), SinkError>,
+    ) -> Result<(), SinkError> {
+        Ok(())
+    }
+    fn keep(&self, _: Vec<fleetpipe_processors::Rejection>) -> Result<(), NotDurable> {
+        Err(NotDurable::ShuttingDown)
+    }
+}
+
+#[test]
+fn the_parquet_sink_runs_under_the_driver_and_commits_on_disconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = open(ParquetConfig::default(), dir.path());
+    let log = Arc::new(NoLog);
+    let cfg = DriverConfig { queue: 8, tick: Duration::from_millis(10), flush_every: None };
+    let (handle, tx) = spawn(Box::new(sink), cfg, log);
+    let ts = 1_795_640_400_250_000;
+    for lsn in 1..=5u64 {
+        assert!(tx.offer(&Arc::new(Batch {
+            lsn,
+            frames: vec![Frame {
+                vehicle_id: "V1".into(),
+                ts: ts + lsn as i64,
+                seq: lsn,
+                received_at: ts,
+                body: Body::Location(Location { lat: 1.0, lon: 2.0, ..Location::default() }),
+            }],
+            rejections: Vec::new(),
+        })));
+    }
+    drop(tx);
+    let durable = Arc::clone(&handle.durable);
+    handle.join().unwrap();
+    assert_eq!(durable.load(Ordering::Acquire), 5);
+    let file = dir.path().join("locations/date=2026-11-25/hour=21/part-0000000001-0000.parquet");
+    assert!(file.exists());
+    let reopened = open(ParquetConfig::default(), dir.path());
+    assert_eq!(reopened.durable_lsn(), 5);
 }

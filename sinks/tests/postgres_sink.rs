@@ -4,13 +4,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use fleetpipe_pipeline::wal::WalConfig;
+use fleetpipe_pipeline::{Entry, Pipeline, PipelineConfig, Sink, SinkError, Submission};
 use fleetpipe_processors::codec::encode_json;
+use fleetpipe_processors::Batch;
 use fleetpipe_processors::{Body, Diagnostic, Dtc, Frame, Location, Lsn, Micros};
-use fleetpipe_sinks::postgres::{PostgresConfig, PostgresSink};
-use fleetpipe_sinks::{Sink, SinkBatch};
+use fleetpipe_sinks::dead_letter::{self, read_dead_letters, DeadLetterConfig};
+use fleetpipe_sinks::postgres::{self, PostgresConfig, PostgresSink};
 use serde_json::json;
 use tokio::runtime::Runtime;
 use tokio_postgres::{Client, NoTls, Row};
@@ -51,11 +53,11 @@ impl Db {
     }
 
     fn config(&self) -> PostgresConfig {
-        PostgresConfig { schema: self.schema.clone(), ..PostgresConfig::new(self.url(), self.dir.path()) }
+        PostgresConfig { schema: self.schema.clone(), ..PostgresConfig::new(self.url()) }
     }
 
     fn open(&self) -> PostgresSink {
-        PostgresSink::open(self.config()).unwrap()
+        postgres::open(&self.config()).unwrap()
     }
 
     /// `sql` with `{s}` replaced by the schema.
@@ -105,8 +107,8 @@ fn diag(vehicle: &str, ts: Micros, seq: u64, body: Diagnostic) -> Frame {
     }
 }
 
-fn batch(lsn: Lsn, frames: Vec<Frame>) -> SinkBatch {
-    SinkBatch { lsn, frames, rejections: Vec::new() }
+fn batch(lsn: Lsn, frames: Vec<Frame>) -> Batch {
+    Batch { lsn, frames, rejections: Vec::new() }
 }
 
 fn point(lat: f64, lon: f64) -> Location {
@@ -368,7 +370,7 @@ fn partitions_exist_from_yesterday_to_the_days_ahead_and_retention_drops_older_d
     assert_eq!(names(&db).len(), 6);
     drop(sink);
 
-    let sink = PostgresSink::open(PostgresConfig { retention_days: Some(30), ..db.config() }).unwrap();
+    let sink = postgres::open(&PostgresConfig { retention_days: Some(30), ..db.config() }).unwrap();
     assert_eq!(names(&db).len(), 5, "{:?}", names(&db));
     assert_eq!(db.count("locations"), 1);
     let leftover: i64 = db.query(
@@ -380,27 +382,11 @@ fn partitions_exist_from_yesterday_to_the_days_ahead_and_retention_drops_older_d
     drop(sink);
 }
 
-/// Every line of every poison file of the sink.
-fn poison_lines(dir: &Path) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir.join("postgres")) else { return out };
-    for e in entries {
-        let path = e.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(name.starts_with("poison-") && name.ends_with(".ndjson"), "{name}");
-        for line in std::fs::read_to_string(&path).unwrap().lines() {
-            out.push(serde_json::from_str(line).unwrap());
-        }
-    }
-    out
-}
-
-#[test]
-fn a_row_postgres_refuses_goes_to_the_dead_letter_file_with_its_error_while_the_rest_of_its_batch_commits() {
+/// The frames of the poison test: twenty diagnostics of V1 with a row jsonb refuses at index
+/// 6, a location whose `satellites` no integer column holds, and a good location.
+fn poison_frames() -> (Vec<Frame>, Frame, Frame) {
     // jsonb refuses \u0000 in a string, which JSON (and so validation) allows.
     let nul_signals = fleetpipe_processors::validate::signals(r#"{"Vehicle.Name":"a\u0000b"}"#).unwrap();
-    let db = Db::new();
-    let mut sink = db.open();
     let t = DAY_2026_11_25 + 8 * HOUR;
     let mut frames: Vec<Frame> =
         (0..20).map(|i| diag("V1", t + i * 1_000_000, i as u64, full_diagnostic())).collect();
@@ -411,14 +397,66 @@ fn a_row_postgres_refuses_goes_to_the_dead_letter_file_with_its_error_while_the_
     let too_many = loc("V2", t, 1, Location { satellites: Some(u32::MAX), ..point(1.0, 1.0) });
     frames.push(too_many.clone());
     frames.push(loc("V2", t, 2, point(1.0, 1.0)));
-    // One row stored earlier: the bisection also goes through ON CONFLICT DO NOTHING.
+    (frames, poison, too_many)
+}
+
+#[test]
+fn a_batch_with_rows_postgres_refuses_stores_nothing_and_names_them_for_the_driver() {
+    let db = Db::new();
+    let mut sink = db.open();
+    let (frames, _, _) = poison_frames();
     sink.write(&batch(1, vec![frames[0].clone()])).unwrap();
+    let at = |f: &[Frame], seq: u64, kind: fleetpipe_processors::Kind| {
+        f.iter().position(|x| x.seq == seq && x.kind() == kind).unwrap()
+    };
+    // The encoder's refusal comes first, before anything is sent.
+    let Err(SinkError::Poison(p)) = sink.write(&batch(2, frames.clone())) else { panic!("expected poison") };
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].index, at(&frames, 1, fleetpipe_processors::Kind::Location));
+    assert!(p[0].detail.starts_with("22003"), "{p:?}");
+    // Without it, Postgres' own refusal (found by bisection).
+    let rest: Vec<Frame> =
+        frames.iter().enumerate().filter(|(i, _)| *i != p[0].index).map(|(_, f)| f.clone()).collect();
+    let Err(SinkError::Poison(p)) = sink.write(&batch(2, rest.clone())) else { panic!("expected poison") };
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].index, at(&rest, 99, fleetpipe_processors::Kind::Diagnostic));
+    assert!(p[0].detail.starts_with("22P05 unsupported Unicode escape sequence"), "{p:?}");
+    // Nothing of the batch was stored meanwhile.
+    assert_eq!((db.count("diagnostics"), db.count("locations"), db.checkpoint()), (1, 0, Some(1)));
+    assert_eq!(sink.durable_lsn(), 1);
+}
 
-    sink.write(&batch(2, frames)).unwrap();
-    assert_eq!((db.count("diagnostics"), db.count("locations"), db.checkpoint()), (20, 1, Some(2)));
-    assert_eq!(sink.durable_lsn(), 2);
+#[test]
+fn a_row_postgres_refuses_goes_to_the_dead_letter_store_with_its_error_while_the_rest_of_its_batch_commits() {
+    let db = Db::new();
+    let data = db.dir.path();
+    let dl_root = dead_letter::root_under(data);
+    let sinks: Vec<Box<dyn Sink>> = vec![
+        Box::new(db.open()),
+        Box::new(dead_letter::open(&DeadLetterConfig::default(), &dl_root).unwrap()),
+    ];
+    let pcfg = PipelineConfig { shards: 1, ..PipelineConfig::default() };
+    let pipeline = Pipeline::start(&pcfg, &WalConfig::default(), data, Vec::new(), sinks).unwrap();
+    let submit = |frames: Vec<Frame>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let done: fleetpipe_pipeline::Completion = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        let entry = Entry { received_at: frames[0].received_at, frames, rejections: Vec::new() };
+        pipeline.intake.blocking_send(Submission { entry, done: Some(done) }).unwrap();
+        rx.recv().unwrap().unwrap()
+    };
+    let (frames, poison, too_many) = poison_frames();
+    // One row stored earlier: the bisection also goes through ON CONFLICT DO NOTHING.
+    submit(vec![frames[0].clone()]);
+    submit(frames);
+    // The pipeline goes on.
+    let last = submit(vec![loc("V2", DAY_2026_11_25 + 8 * HOUR, 3, point(1.0, 1.0))]);
+    pipeline.join().unwrap();
 
-    let lines = poison_lines(db.dir.path());
+    assert_eq!((db.count("diagnostics"), db.count("locations")), (20, 2));
+    assert!(db.checkpoint().unwrap() >= last as i64, "every entry stored: {:?} < {last}", db.checkpoint());
+    let lines = read_dead_letters(&dl_root).unwrap();
     assert_eq!(lines.len(), 2, "{lines:#?}");
     let by_seq = |seq: u64| {
         lines.iter().find(|l| {
@@ -439,10 +477,6 @@ fn a_row_postgres_refuses_goes_to_the_dead_letter_file_with_its_error_while_the_
     let mut raw = Vec::new();
     encode_json(&too_many, &mut raw);
     assert_eq!(sats["raw"].as_str().unwrap().as_bytes(), raw);
-
-    // The pipeline goes on.
-    sink.write(&batch(3, vec![loc("V2", t, 3, point(1.0, 1.0))])).unwrap();
-    assert_eq!((db.count("locations"), db.checkpoint()), (2, Some(3)));
 }
 
 #[test]
@@ -452,7 +486,7 @@ fn migrations_run_twice_and_from_two_threads_at_once_without_error() {
     let threads: Vec<_> = (0..2)
         .map(|_| {
             let cfg = cfg.clone();
-            std::thread::spawn(move || PostgresSink::open(cfg).map(|s| s.durable_lsn()))
+            std::thread::spawn(move || postgres::open(&cfg).map(|s| s.durable_lsn()))
         })
         .collect();
     for t in threads {
@@ -476,7 +510,7 @@ fn reopening_the_sink_returns_the_committed_checkpoint_as_durable_lsn() {
     sink.write(&batch(41, vec![loc("V", DAY_2026_11_25, 1, point(1.0, 1.0))])).unwrap();
     // A batch without frames moves the checkpoint too.
     sink.write(&batch(42, Vec::new())).unwrap();
-    sink.close().unwrap();
+    sink.flush().unwrap();
     drop(sink);
     assert_eq!(db.open().durable_lsn(), 42);
 }
@@ -515,12 +549,11 @@ fn a_lost_connection_is_a_retryable_error_and_the_retried_batch_is_stored_once()
 #[test]
 fn a_schema_name_that_is_not_a_plain_identifier_is_refused_as_not_retryable() {
     let db = Db::new();
-    let err =
-        PostgresSink::open(PostgresConfig { schema: "Robert'); DROP".into(), ..db.config() }).unwrap_err();
+    let err = postgres::open(&PostgresConfig { schema: "Robert'); DROP".into(), ..db.config() }).unwrap_err();
     assert!(!err.is_retryable(), "{err}");
     let unreachable =
-        PostgresConfig { url: "postgres://postgres@127.0.0.1:1/postgres".into(), ..db.config() };
-    assert!(PostgresSink::open(unreachable).unwrap_err().is_retryable());
+        PostgresConfig { url: Some("postgres://postgres@127.0.0.1:1/postgres".into()), ..db.config() };
+    assert!(postgres::open(&unreachable).unwrap_err().is_retryable());
 }
 
 #[test]

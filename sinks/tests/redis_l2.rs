@@ -6,11 +6,12 @@ use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use fleetpipe_pipeline::Sink;
 use fleetpipe_processors::codec::{encode_json, frame_to_value};
 use fleetpipe_processors::latest::haversine_m;
+use fleetpipe_processors::Batch;
 use fleetpipe_processors::{Body, Diagnostic, Dtc, Frame, Location, Lsn, Micros};
-use fleetpipe_sinks::redis_l2::{RedisConfig, RedisL2Reader, RedisL2Sink};
-use fleetpipe_sinks::{Sink, SinkBatch};
+use fleetpipe_sinks::redis::{RedisConfig, RedisL2Reader, RedisL2Sink};
 
 const URL: &str = "redis://127.0.0.1:6379";
 /// 2026-11-25T21:00:00.250Z in microseconds.
@@ -97,8 +98,8 @@ fn diag(id: &str, ts: Micros, seq: u64, rpm: f64) -> Frame {
     }
 }
 
-fn batch(lsn: Lsn, frames: Vec<Frame>) -> SinkBatch {
-    SinkBatch { lsn, frames, rejections: Vec::new() }
+fn batch(lsn: Lsn, frames: Vec<Frame>) -> Batch {
+    Batch { lsn, frames, rejections: Vec::new() }
 }
 
 fn json(frame: &Frame) -> String {
@@ -152,7 +153,7 @@ fn a_batch_writes_the_latest_location_and_diagnostic_per_vehicle_and_the_geo_set
     assert_geo(&mut c, &p, "VAN-1", 56.102139, 10.213695);
     assert_geo(&mut c, &p, "VAN-2", -33.868820, 151.209295);
 
-    let reader = sink.reader().unwrap();
+    let reader = RedisL2Reader::open(&p.config()).unwrap();
     let got = reader.get("VAN-1").unwrap().unwrap();
     assert_eq!(got.vehicle_id, "VAN-1");
     assert_eq!(got.location, Some(frame_to_value(&a_new)));
@@ -165,7 +166,7 @@ fn a_batch_writes_the_latest_location_and_diagnostic_per_vehicle_and_the_geo_set
     assert_eq!(got_b.diagnostic, None);
     assert!(got_b.state.diagnostic.is_none());
     assert_eq!(reader.get("VAN-404").unwrap(), None);
-    sink.close().unwrap();
+    sink.flush().unwrap();
 }
 
 #[test]
@@ -246,7 +247,7 @@ fn near_returns_vehicles_within_the_radius_nearest_first() {
 #[test]
 fn the_vehicle_hash_expires_after_the_ttl_and_leaves_the_geo_set() {
     let p = Prefix::new();
-    let cfg = RedisConfig { ttl: Duration::from_secs(3600), ..p.config() };
+    let cfg = RedisConfig { ttl_secs: 3600.0, ..p.config() };
     let mut sink = RedisL2Sink::open(cfg).unwrap();
     sink.write(&batch(1, vec![loc("V", T, 0, 56.1, 10.2)])).unwrap();
     let mut c = redis_conn().unwrap();
@@ -254,7 +255,7 @@ fn the_vehicle_hash_expires_after_the_ttl_and_leaves_the_geo_set() {
     assert!(pttl > 3_590_000 && pttl <= 3_600_000, "pttl {pttl}");
 
     // A short TTL really expires the vehicle.
-    let short = RedisConfig { ttl: Duration::from_millis(150), ..p.config() };
+    let short = RedisConfig { ttl_secs: 0.15, ..p.config() };
     let mut sink = RedisL2Sink::open(short).unwrap();
     sink.write(&batch(1, vec![loc("W", T, 0, 56.1, 10.2)])).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -313,7 +314,7 @@ fn an_unreachable_redis_never_fails_a_write_and_is_counted_once_per_breaker_peri
     // Five vehicles, room for three: the other two rely on their next frames.
     assert_eq!(stats.pending_vehicles, 3);
     assert!(stats.refill_dropped > 0);
-    sink.close().unwrap();
+    sink.flush().unwrap();
 
     // With a short breaker period, one error per period, not per batch.
     let short = RedisConfig { breaker_open_for: Duration::from_millis(100), ..cfg.clone() };

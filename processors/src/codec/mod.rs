@@ -15,7 +15,7 @@
 
 pub mod json;
 pub mod proto;
-pub mod time;
+pub mod stored;
 pub mod topic;
 
 #[cfg(test)]
@@ -23,12 +23,12 @@ pub(crate) mod tests;
 
 use bytes::Bytes;
 
+use crate::frame::snippet;
 use crate::frame::{Decoded, Frame, Kind, Micros, Origin, Reason, Rejection};
-use crate::validate::{snippet, Fail, Rules};
+use crate::validate::{Fail, Rules};
 
 pub use json::{encode_json, frame_to_value};
 pub use proto::{decode_batch, encode_protobuf, frame_to_pb};
-pub use time::{format_ts, parse_rfc3339};
 pub use topic::{parse_topic, Topic};
 
 /// How a payload is encoded.
@@ -157,7 +157,7 @@ impl<'a> Ctx<'a> {
                 Some((vehicle_id, kind)) => TopicRule::Mqtt { vehicle_id, kind },
                 None => TopicRule::Invalid(topic),
             },
-            Origin::Http | Origin::Kafka { .. } => TopicRule::Direct,
+            Origin::Http | Origin::Kafka { .. } | Origin::Sink { .. } => TopicRule::Direct,
         };
         Ctx { payload: msg.payload, received_at: msg.received_at, rules, origin: msg.origin, topic }
     }

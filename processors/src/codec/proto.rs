@@ -9,7 +9,7 @@ use bytes::Bytes;
 use prost::Message as _;
 
 use super::Ctx;
-use crate::frame::{Body, Decoded, Diagnostic, Dtc, Frame, Kind, Location, Reason};
+use crate::frame::{Body, Decoded, Diagnostic, Dtc, Frame, Kind, Location, Micros, Reason};
 use crate::validate::{self, Fail};
 
 /// Message structs of `fleetpipe.v1`, mirroring `proto/fleetpipe.proto`.
@@ -153,14 +153,6 @@ pub fn frame_to_pb(frame: &Frame) -> pb::Frame {
             ignition: l.ignition,
         }),
         Body::Diagnostic(d) => pb::frame::Body::Diagnostic(pb::Diagnostic {
-            engine_rpm: d.engine_rpm,
-            coolant_temp_c: d.coolant_temp_c,
-            engine_load_pct: d.engine_load_pct,
-            fuel_level_pct: d.fuel_level_pct,
-            battery_soc_pct: d.battery_soc_pct,
-            battery_v: d.battery_v,
-            engine_hours: d.engine_hours,
-            odometer_m: d.odometer_m,
             mil_on: d.mil_on,
             dtcs: d
                 .dtcs
@@ -180,6 +172,7 @@ pub fn frame_to_pb(frame: &Frame) -> pb::Frame {
                 .collect(),
             dtcs_present: d.dtcs.is_some(),
             signals_json: d.signals.clone(),
+            ..measures_to_pb(d)
         }),
     };
     pb::Frame {
@@ -204,6 +197,34 @@ pub fn decode_batch(payload: &[u8]) -> Result<pb::FrameBatch, prost::DecodeError
     pb::FrameBatch::decode(payload)
 }
 
+/// The measures of `pb::Diagnostic`, in the order of [`Diagnostic::MEASURES`] (its tags 1–8; a
+/// test checks the names).
+type PbMeasure = (&'static str, fn(&pb::Diagnostic) -> Option<f64>, fn(&mut pb::Diagnostic, Option<f64>));
+
+const PB_MEASURES: [PbMeasure; Diagnostic::MEASURES.len()] = {
+    macro_rules! pb_measures {
+        ($($field:ident),*) => { [$((stringify!($field), |d| d.$field, |d, v| d.$field = v)),*] };
+    }
+    pb_measures!(
+        engine_rpm,
+        coolant_temp_c,
+        engine_load_pct,
+        fuel_level_pct,
+        battery_soc_pct,
+        battery_v,
+        engine_hours,
+        odometer_m
+    )
+};
+
+fn measures_to_pb(d: &Diagnostic) -> pb::Diagnostic {
+    let mut out = pb::Diagnostic::default();
+    for (m, (_, _, set)) in Diagnostic::MEASURES.iter().zip(PB_MEASURES) {
+        set(&mut out, (m.get)(d));
+    }
+    out
+}
+
 /// Converts, checks and records every frame of a decoded batch.
 pub(crate) fn decode(ctx: &Ctx<'_>, out: &mut Decoded, batch: &pb::FrameBatch) {
     for (i, f) in batch.frames.iter().enumerate() {
@@ -216,41 +237,60 @@ fn missing(field: &str) -> Fail {
     (Reason::MissingField, format!("{field} is required"))
 }
 
+/// The kind a frame declares (`Ok(None)`: unspecified).
+fn declared_kind(f: &pb::Frame) -> Result<Option<Kind>, String> {
+    match pb::Kind::try_from(f.kind) {
+        Ok(pb::Kind::Unspecified) => Ok(None),
+        Ok(pb::Kind::Location) => Ok(Some(Kind::Location)),
+        Ok(pb::Kind::Diagnostic) => Ok(Some(Kind::Diagnostic)),
+        Err(_) => Err(format!("kind {} is not a known Kind value", f.kind)),
+    }
+}
+
+/// An untrusted frame: the transport's rules, conversion, then every contract check.
 fn build(ctx: &Ctx<'_>, f: &pb::Frame) -> Result<Frame, Fail> {
     if f.vehicle_id.is_empty() {
         return Err(missing("vehicle_id"));
     }
     validate::vehicle_id(&f.vehicle_id)?;
-    let kind = match pb::Kind::try_from(f.kind) {
-        Ok(pb::Kind::Unspecified) => Ok(None),
-        Ok(pb::Kind::Location) => Ok(Some(Kind::Location)),
-        Ok(pb::Kind::Diagnostic) => Ok(Some(Kind::Diagnostic)),
-        Err(_) => Err(format!("kind {} is not a known Kind value", f.kind)),
-    };
-    let kind = ctx.resolve_kind(&f.vehicle_id, kind)?;
+    let kind = ctx.resolve_kind(&f.vehicle_id, declared_kind(f))?;
     if f.ts_us == 0 {
         return Err(missing("ts"));
     }
+    let frame = convert(f, kind, ctx.received_at, validate::signals)?;
+    validate::frame_decoded(&frame, ctx.rules)?;
+    Ok(frame)
+}
+
+/// A frame fleetpipe itself stored (a log record): converted as it was written, without the
+/// checks it passed when it was received. `Err` means the bytes are not what fleetpipe writes.
+pub(crate) fn convert_stored(f: &pb::Frame, received_at: Micros) -> Result<Frame, Fail> {
+    let kind =
+        declared_kind(f).map_err(|detail| (Reason::InvalidKind, detail))?.ok_or_else(|| missing("kind"))?;
+    convert(f, kind, received_at, |text| Ok(text.to_owned()))
+}
+
+/// The structural conversion shared by both paths: required fields present, the body of the
+/// frame's kind. `signals` turns `signals_json` into the frame's text (canonicalising it, for
+/// untrusted input).
+fn convert(
+    f: &pb::Frame,
+    kind: Kind,
+    received_at: Micros,
+    signals: fn(&str) -> Result<String, Fail>,
+) -> Result<Frame, Fail> {
     let body = match (kind, &f.body) {
         (Kind::Location, Some(pb::frame::Body::Location(l))) => Body::Location(location(l)?),
         (Kind::Location, None) => return Err(missing("lat")),
         (Kind::Diagnostic, Some(pb::frame::Body::Diagnostic(d))) => {
-            Body::Diagnostic(Box::new(diagnostic(d)?))
+            Body::Diagnostic(Box::new(diagnostic(d, signals)?))
         }
         (Kind::Diagnostic, None) => Body::Diagnostic(Box::default()),
         (kind, Some(_)) => {
             return Err((Reason::InvalidKind, format!("kind {kind} but the body holds the other kind")))
         }
     };
-    let frame = Frame {
-        vehicle_id: f.vehicle_id.clone(),
-        ts: f.ts_us,
-        seq: f.seq.unwrap_or(0),
-        received_at: ctx.received_at,
-        body,
-    };
-    validate::frame_decoded(&frame, ctx.rules)?;
-    Ok(frame)
+    Ok(Frame { vehicle_id: f.vehicle_id.clone(), ts: f.ts_us, seq: f.seq.unwrap_or(0), received_at, body })
 }
 
 fn location(l: &pb::Location) -> Result<Location, Fail> {
@@ -267,7 +307,7 @@ fn location(l: &pb::Location) -> Result<Location, Fail> {
     })
 }
 
-fn diagnostic(d: &pb::Diagnostic) -> Result<Diagnostic, Fail> {
+fn diagnostic(d: &pb::Diagnostic, signals: fn(&str) -> Result<String, Fail>) -> Result<Diagnostic, Fail> {
     let dtcs = if d.dtcs_present || !d.dtcs.is_empty() {
         let dtcs = d
             .dtcs
@@ -287,20 +327,24 @@ fn diagnostic(d: &pb::Diagnostic) -> Result<Diagnostic, Fail> {
         None
     };
     let signals = match &d.signals_json {
-        Some(text) => Some(validate::signals(text)?),
+        Some(text) => Some(signals(text)?),
         None => None,
     };
-    Ok(Diagnostic {
-        engine_rpm: d.engine_rpm,
-        coolant_temp_c: d.coolant_temp_c,
-        engine_load_pct: d.engine_load_pct,
-        fuel_level_pct: d.fuel_level_pct,
-        battery_soc_pct: d.battery_soc_pct,
-        battery_v: d.battery_v,
-        engine_hours: d.engine_hours,
-        odometer_m: d.odometer_m,
-        mil_on: d.mil_on,
-        dtcs,
-        signals,
-    })
+    let mut out = Diagnostic { mil_on: d.mil_on, dtcs, signals, ..Diagnostic::default() };
+    for (m, (_, get, _)) in Diagnostic::MEASURES.iter().zip(PB_MEASURES) {
+        (m.set)(&mut out, get(d));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pb_measures_follow_the_frame_measures() {
+        let names: Vec<_> = PB_MEASURES.iter().map(|m| m.0).collect();
+        let expected: Vec<_> = Diagnostic::MEASURES.iter().map(|m| m.name).collect();
+        assert_eq!(names, expected);
+    }
 }

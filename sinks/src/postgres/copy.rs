@@ -13,7 +13,7 @@
 //! This module does no I/O.
 
 use bytes::Bytes;
-use fleetpipe_processors::{Body, Diagnostic, Dtc, Frame, Location, Micros};
+use fleetpipe_processors::{Body, Diagnostic, Dtc, Frame, Kind, Location, Micros};
 
 /// Signature, flags (no OIDs) and an empty header extension.
 pub(crate) const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -41,23 +41,23 @@ pub(crate) const LOCATION_COLUMNS: &[&str] = &[
 ];
 
 /// Columns of `diagnostics`, in the order the encoder writes them.
-pub(crate) const DIAGNOSTIC_COLUMNS: &[&str] = &[
-    "vehicle_id",
-    "ts",
-    "seq",
-    "received_at",
-    "engine_rpm",
-    "coolant_temp_c",
-    "engine_load_pct",
-    "fuel_level_pct",
-    "battery_soc_pct",
-    "battery_v",
-    "engine_hours",
-    "odometer_m",
-    "mil_on",
-    "dtcs",
-    "signals",
-];
+pub(crate) fn diagnostic_columns() -> Vec<&'static str> {
+    let mut columns = vec!["vehicle_id", "ts", "seq", "received_at"];
+    columns.extend(Diagnostic::MEASURES.iter().map(|m| m.name));
+    columns.extend(["mil_on", "dtcs", "signals"]);
+    columns
+}
+
+/// How many columns a `diagnostics` row has: the head, the measures, `mil_on`, `dtcs`, `signals`.
+const DIAGNOSTIC_COLUMN_COUNT: usize = 4 + Diagnostic::MEASURES.len() + 3;
+
+/// Columns of a kind's table, in the order the encoder writes them.
+pub(crate) fn columns(kind: Kind) -> Vec<&'static str> {
+    match kind {
+        Kind::Location => LOCATION_COLUMNS.to_vec(),
+        Kind::Diagnostic => diagnostic_columns(),
+    }
+}
 
 /// A value the column cannot hold, found before sending (the binary format has no way to send
 /// it). Reported like Postgres' own refusal, with the SQLSTATE Postgres would use.
@@ -152,7 +152,7 @@ fn encode_row(frame: &Frame, out: &mut Vec<u8>) {
             location(l, out);
         }
         Body::Diagnostic(d) => {
-            out.extend_from_slice(&(DIAGNOSTIC_COLUMNS.len() as i16).to_be_bytes());
+            out.extend_from_slice(&(DIAGNOSTIC_COLUMN_COUNT as i16).to_be_bytes());
             common(frame, out);
             diagnostic(d, out);
         }
@@ -181,14 +181,9 @@ fn location(l: &Location, out: &mut Vec<u8>) {
 }
 
 fn diagnostic(d: &Diagnostic, out: &mut Vec<u8>) {
-    float8(d.engine_rpm, out);
-    float8(d.coolant_temp_c, out);
-    float8(d.engine_load_pct, out);
-    float8(d.fuel_level_pct, out);
-    float8(d.battery_soc_pct, out);
-    float8(d.battery_v, out);
-    float8(d.engine_hours, out);
-    float8(d.odometer_m, out);
+    for m in &Diagnostic::MEASURES {
+        float8((m.get)(d), out);
+    }
     boolean(d.mil_on, out);
     match &d.dtcs {
         Some(dtcs) => jsonb(out, |out| dtcs_json(dtcs, out)),
@@ -359,7 +354,8 @@ mod tests {
         };
         let (rows, _) = EncodedRows::encode([&frame(Body::Diagnostic(Box::new(d)))]);
         let f = fields(&rows.rows(0..1));
-        assert_eq!(f.len(), DIAGNOSTIC_COLUMNS.len());
+        assert_eq!(f.len(), DIAGNOSTIC_COLUMN_COUNT);
+        assert_eq!(diagnostic_columns().len(), DIAGNOSTIC_COLUMN_COUNT);
         assert_eq!(f[13].as_deref(), Some(&b"\x01[\"P0301\",{\"spn\":110,\"fmi\":0,\"oc\":3,\"sa\":0}]"[..]));
         assert_eq!(f[14].as_deref(), Some(&b"\x01{\"a\":1}"[..]));
     }

@@ -15,15 +15,16 @@
 //! 2. If that fails with `unique_violation` (a redelivery), roll back and redo it through a
 //!    `TEMP` staging table: COPY into it, `INSERT INTO parent SELECT … ON CONFLICT DO NOTHING`.
 //! 3. If it fails with a data error (a value or row Postgres refuses), the staging step runs
-//!    under savepoints and bisects: halves are retried until each refused row is alone. Those
-//!    *poison rows* are appended to `{dead_letter_dir}/postgres/poison-YYYY-MM-DD.ndjson` and
-//!    fsync'd before the `COMMIT` that stores every other row; a refused row never fails its
-//!    batch or stalls the pipeline.
+//!    under savepoints and bisects: halves are retried until each refused row is alone. The
+//!    transaction is then rolled back and the refused *poison rows* reported to the driver
+//!    ([`SinkError::Poison`]), which keeps them in the dead-letter store (source `postgres`,
+//!    Postgres' error as the detail) before writing the batch again without them: a refused
+//!    row never fails its batch or stalls the pipeline.
 //!
-//! Connection failures (refused, closed, `08xxx`, `57Pxx`, `53xxx`, …) return a retryable
-//! [`SinkError::Postgres`]; the driver retries the same batch with backoff and the next call
-//! reconnects, re-reading the checkpoint (so a batch whose `COMMIT` did land is not redone).
-//! Errors a retry cannot fix (`42xxx`, `28xxx`, …) are [`SinkError::PostgresFatal`].
+//! Connection failures (refused, closed, `08xxx`, `57Pxx`, `53xxx`, …) are retryable: the
+//! driver retries the same batch with backoff and the next call reconnects, re-reading the
+//! checkpoint (so a batch whose `COMMIT` did land is not redone). Errors a retry cannot fix
+//! (`42xxx`, `28xxx`, …) are not ([`is_retryable`]).
 //!
 //! Partitions: at open and from `tick` at most once a minute, the sink creates the partitions
 //! of yesterday, today and the next `partitions_ahead_days` days, and drops those past
@@ -33,42 +34,30 @@
 //! which is why the coming days are made ahead, off the path of live traffic.
 //!
 //! The sink's methods block: it owns a current-thread tokio runtime and a single connection, and
-//! runs on its own OS thread like every sink (see [`crate::driver`]).
-//!
-//! # Measuring throughput
-//!
-//! There is deliberately no benchmark in the test suite. Throughput is measured end to end,
-//! like the other sinks (README "Benchmarks"): run `fleetpipe run` with the Postgres sink on,
-//! drive it with `load-tests/mqtt_ratio.sh` (300,000 location frames, 1,000 vehicles), and
-//! divide the rows committed (`fleetpipe_frames_written_total{sink="postgres"}`, or
-//! `SELECT count(*)` on the table) by the time from the first frame to the metric reaching the
-//! total. The limit to compare against, measured in the same run on the same machine, is
-//! `psql \copy` of the same frames as CSV into a fresh schema with the same partitions and
-//! unique index (NOTES.md: 286–304k rows/s on 2 cores). Also worth recording: the share of
-//! batches taking the staging path (a replay) and its rate, and `fleetpipe_sink_write_seconds`.
+//! runs on its own OS thread like every sink.
 
 mod copy;
 mod reader;
 mod schema;
 
 use std::collections::{BTreeSet, HashSet};
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fleetpipe_processors::{Frame, Kind, Lsn, Micros, Origin, Reason, Rejection};
+use fleetpipe_pipeline::{Poison, Sink, SinkError};
+use fleetpipe_processors::time::day_of;
+use fleetpipe_processors::{Batch, Kind, Lsn};
 use futures_util::SinkExt;
+use serde::Deserialize;
 use tokio::runtime::Runtime;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use self::copy::{EncodedRows, DIAGNOSTIC_COLUMNS, HEADER, LOCATION_COLUMNS, TRAILER};
+use self::copy::{EncodedRows, HEADER, TRAILER};
 pub use self::reader::PostgresReader;
+pub(crate) use self::schema::describe;
 pub use self::schema::validate_schema_name;
-use self::schema::{describe, Failure};
-use crate::rolling::{self, io_err, MICROS_PER_DAY};
-use crate::{dead_letter, Sink, SinkBatch, SinkError};
+use self::schema::Failure;
+use crate::{Error, Result};
 
 const NAME: &str = "postgres";
 /// The checkpoint row's key in `{schema}.fleetpipe_checkpoints`.
@@ -79,35 +68,60 @@ const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// COPY data is sent in messages of at most this size.
 const COPY_CHUNK: usize = 1 << 20;
-/// The label of poison rows in `fleetpipe_frames_rejected_total{reason}`.
-pub const REFUSED_REASON: &str = "postgres_refused";
 
-/// Settings of the Postgres sink.
-#[derive(Debug, Clone, PartialEq)]
+const COPY_SQL: &str = include_str!("sql/copy.sql");
+const SAVE_CHECKPOINT_SQL: &str = include_str!("sql/save_checkpoint.sql");
+const READ_CHECKPOINT_SQL: &str = include_str!("sql/read_checkpoint.sql");
+const STAGE_CREATE_SQL: &str = include_str!("sql/stage_create.sql");
+const STAGE_MOVE_SQL: &str = include_str!("sql/stage_move.sql");
+
+/// The table of a kind.
+pub(crate) fn table_of(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Location => "locations",
+        Kind::Diagnostic => "diagnostics",
+    }
+}
+
+/// A statement of `sql/` for `kind`'s table in `schema` (a validated identifier): `{schema}`,
+/// `{table}` and `{columns}` filled in.
+pub(crate) fn sql(text: &str, schema: &str, kind: Kind) -> String {
+    text.replace("{schema}", &schema::quote(schema))
+        .replace("{table}", table_of(kind))
+        .replace("{columns}", &copy::columns(kind).join(", "))
+}
+
+/// `[postgres]`: the history tables.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
-    /// libpq-style URL or key/value string: `postgres://user@host:5432/db`.
-    pub url: String,
+    /// libpq-style URL or key/value string: `postgres://user@host:5432/db`. Unset: no Postgres.
+    pub url: Option<String>,
     /// Schema of the tables (created if missing); `[a-z_][a-z0-9_]*`.
     pub schema: String,
     /// Partitions are kept ready for today and this many days ahead (and yesterday).
     pub partitions_ahead_days: u32,
     /// Drop day partitions older than this many days; `None` keeps everything.
     pub retention_days: Option<u32>,
-    /// Root of the dead-letter store; rows Postgres refuses go to `{dead_letter_dir}/postgres/`.
-    pub dead_letter_dir: PathBuf,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig { url: None, schema: "public".into(), partitions_ahead_days: 3, retention_days: None }
+    }
 }
 
 impl PostgresConfig {
-    /// Defaults: schema `public`, 3 days of partitions ahead, no retention.
-    pub fn new(url: impl Into<String>, dead_letter_dir: impl Into<PathBuf>) -> PostgresConfig {
-        PostgresConfig {
-            url: url.into(),
-            schema: "public".to_string(),
-            partitions_ahead_days: 3,
-            retention_days: None,
-            dead_letter_dir: dead_letter_dir.into(),
-        }
+    /// The defaults, for `url`.
+    pub fn new(url: impl Into<String>) -> PostgresConfig {
+        PostgresConfig { url: Some(url.into()), ..PostgresConfig::default() }
     }
+}
+
+/// Whether a retry can fix a failed Postgres call: the connection, the server or a conflict,
+/// yes; a bad schema, a missing table, permissions, authentication, no.
+pub fn is_retryable(e: &tokio_postgres::Error) -> bool {
+    schema::classify(e.code().map(|c| c.code())) != Failure::Fatal
 }
 
 /// One open connection and the statements prepared on it.
@@ -135,23 +149,18 @@ impl Conn {
     }
 }
 
-/// A row Postgres (or the encoder, for a value the column type cannot hold) refused.
-struct Poison<'a> {
-    frame: &'a Frame,
-    /// `SQLSTATE message (detail)`.
-    error: String,
-}
-
 /// The rows of one table in a batch.
-struct TableRows<'a> {
+struct TableRows {
     kind: Kind,
-    frames: Vec<&'a Frame>,
+    /// Positions in the batch of the frames encoded into `rows`' inputs.
+    indices: Vec<usize>,
     rows: EncodedRows,
 }
 
 /// The Postgres sink. Every `write` commits; dropping it loses nothing.
 pub struct PostgresSink {
     cfg: PostgresConfig,
+    url: String,
     rt: Runtime,
     /// `None` after a connection error: the next call reconnects.
     conn: Option<Conn>,
@@ -162,9 +171,6 @@ pub struct PostgresSink {
     /// Days whose partitions exist in both tables (loaded at connect, kept up to date).
     known_days: HashSet<i64>,
     last_maintenance: Instant,
-    /// The batch whose poison rows are already in the poison file (a retried batch would
-    /// otherwise append them twice).
-    poison_written_for: Option<Lsn>,
 }
 
 impl std::fmt::Debug for PostgresSink {
@@ -178,66 +184,56 @@ impl std::fmt::Debug for PostgresSink {
     }
 }
 
+/// Opens the Postgres sink: connects, applies the migrations, reads the checkpoint and creates
+/// the partitions of the coming days (dropping expired ones when a retention is set).
+pub fn open(cfg: &PostgresConfig) -> Result<PostgresSink> {
+    let url = cfg.url.clone().ok_or_else(|| Error::PostgresSchema("no url configured".into()))?;
+    validate_schema_name(&cfg.schema).map_err(Error::PostgresSchema)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
+    let mut sink = PostgresSink {
+        cfg: cfg.clone(),
+        url,
+        rt,
+        conn: None,
+        migrated: false,
+        durable: 0,
+        known_days: HashSet::new(),
+        last_maintenance: Instant::now(),
+    };
+    sink.connect()?;
+    sink.maintain()?;
+    tracing::info!(
+        sink = NAME,
+        schema = %sink.cfg.schema,
+        lsn = sink.durable,
+        partitions = sink.known_days.len(),
+        "opened postgres sink"
+    );
+    Ok(sink)
+}
+
 impl PostgresSink {
-    /// Connects, applies the migrations, reads the checkpoint and creates the partitions of the
-    /// coming days (dropping expired ones when a retention is set).
-    pub fn open(cfg: PostgresConfig) -> Result<PostgresSink, SinkError> {
-        validate_schema_name(&cfg.schema).map_err(SinkError::PostgresFatal)?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| SinkError::Thread { sink: NAME, detail: format!("tokio runtime: {e}") })?;
-        let mut sink = PostgresSink {
-            cfg,
-            rt,
-            conn: None,
-            migrated: false,
-            durable: 0,
-            known_days: HashSet::new(),
-            last_maintenance: Instant::now(),
-            poison_written_for: None,
-        };
-        sink.connect()?;
-        sink.maintain()?;
-        tracing::info!(
-            sink = NAME,
-            schema = %sink.cfg.schema,
-            lsn = sink.durable,
-            partitions = sink.known_days.len(),
-            "opened postgres sink"
-        );
-        Ok(sink)
-    }
-
-    /// The poison file directory: `{dead_letter_dir}/postgres`.
-    pub fn poison_dir(&self) -> PathBuf {
-        self.cfg.dead_letter_dir.join(NAME)
-    }
-
     /// Connects unless connected; on a new connection runs the migrations (first time only),
     /// re-reads the checkpoint and the partitions present.
-    fn connect(&mut self) -> Result<(), SinkError> {
+    fn connect(&mut self) -> Result<()> {
         if self.conn.as_ref().is_some_and(|c| !c.client.is_closed()) {
             return Ok(());
         }
         self.conn = None;
-        let (url, schema) = (self.cfg.url.as_str(), self.cfg.schema.as_str());
+        let (url, schema) = (self.url.as_str(), self.cfg.schema.as_str());
         let migrate = !self.migrated;
         let (conn, applied, lsn, days) = self.rt.block_on(async {
             let (conn, applied) =
                 match tokio::time::timeout(CONNECT_TIMEOUT, open_conn(url, schema, migrate)).await {
-                    Ok(opened) => opened.map_err(|e| pg_error("connect", &e))?,
-                    Err(_) => {
-                        return Err(SinkError::Postgres(format!(
-                            "connect: no connection after {CONNECT_TIMEOUT:?}"
-                        )));
-                    }
+                    Ok(opened) => opened.map_err(|source| Error::Postgres { what: "connect", source })?,
+                    Err(_) => return Err(Error::PostgresTimeout { what: "connect", after: CONNECT_TIMEOUT }),
                 };
-            let lsn =
-                read_checkpoint(&conn.client, schema).await.map_err(|e| pg_error("read checkpoint", &e))?;
+            let lsn = read_checkpoint(&conn.client, schema)
+                .await
+                .map_err(|source| Error::Postgres { what: "read checkpoint", source })?;
             let tables = schema::day_tables(&conn.client, schema)
                 .await
-                .map_err(|e| pg_error("list partitions", &e))?;
+                .map_err(|source| Error::Postgres { what: "list partitions", source })?;
             Ok((conn, applied, lsn, schema::complete_days(&tables)))
         })?;
         if !applied.is_empty() {
@@ -255,30 +251,31 @@ impl PostgresSink {
 
     /// Turns a failed statement into the sink's error, dropping the connection (it may be broken
     /// or inside a failed transaction; a fresh one is cheap).
-    fn fail(&mut self, what: &str, e: &tokio_postgres::Error) -> SinkError {
+    fn fail(&mut self, what: &'static str, source: tokio_postgres::Error) -> Error {
         self.conn = None;
-        let err = pg_error(what, e);
+        let err = Error::Postgres { what, source };
         tracing::warn!(sink = NAME, error = %err, "postgres call failed");
         err
     }
 
+    fn conn(&self) -> Result<&Conn> {
+        self.conn.as_ref().ok_or(Error::PostgresNotConnected)
+    }
+
     /// Re-reads which day partitions exist.
-    fn refresh_days(&mut self) -> Result<(), SinkError> {
+    fn refresh_days(&mut self) -> Result<()> {
         self.connect()?;
-        let Some(conn) = self.conn.as_ref() else {
-            return Err(SinkError::Postgres("not connected".into()));
-        };
-        match self.rt.block_on(schema::day_tables(&conn.client, &self.cfg.schema)) {
+        match self.rt.block_on(schema::day_tables(&self.conn()?.client, &self.cfg.schema)) {
             Ok(tables) => {
                 self.known_days = schema::complete_days(&tables);
                 Ok(())
             }
-            Err(e) => Err(self.fail("list partitions", &e)),
+            Err(e) => Err(self.fail("list partitions", e)),
         }
     }
 
     /// Creates the partitions of `days` that are not known to exist.
-    fn ensure_days(&mut self, days: impl IntoIterator<Item = i64>) -> Result<(), SinkError> {
+    fn ensure_days(&mut self, days: impl IntoIterator<Item = i64>) -> Result<()> {
         let missing: Vec<i64> = days
             .into_iter()
             .filter(|d| schema::partitionable(*d) && !self.known_days.contains(d))
@@ -290,12 +287,12 @@ impl PostgresSink {
         }
         self.connect()?;
         let Some(conn) = self.conn.as_mut() else {
-            return Err(SinkError::Postgres("not connected".into()));
+            return Err(Error::PostgresNotConnected);
         };
         let result =
             self.rt.block_on(schema::create_partitions(&mut conn.client, &self.cfg.schema, &missing));
         if let Err(e) = result {
-            return Err(self.fail("create partitions", &e));
+            return Err(self.fail("create partitions", e));
         }
         tracing::debug!(sink = NAME, days = missing.len(), first = missing[0], "created partitions");
         self.known_days.extend(missing);
@@ -303,43 +300,32 @@ impl PostgresSink {
     }
 
     /// Coming partitions and retention.
-    fn maintain(&mut self) -> Result<(), SinkError> {
-        let today = now_micros().div_euclid(MICROS_PER_DAY);
+    fn maintain(&mut self) -> Result<()> {
+        let today = day_of(fleetpipe_pipeline::now_micros());
         self.ensure_days((today - 1)..=(today + i64::from(self.cfg.partitions_ahead_days)))?;
         if let Some(days) = self.cfg.retention_days {
             let cutoff = today - i64::from(days);
             self.connect()?;
-            let Some(conn) = self.conn.as_ref() else {
-                return Err(SinkError::Postgres("not connected".into()));
-            };
-            match self.rt.block_on(schema::drop_before(&conn.client, &self.cfg.schema, cutoff)) {
+            match self.rt.block_on(schema::drop_before(&self.conn()?.client, &self.cfg.schema, cutoff)) {
                 Ok(dropped) => {
                     for day in dropped {
                         self.known_days.remove(&day);
                     }
                 }
-                Err(e) => return Err(self.fail("drop expired partitions", &e)),
+                Err(e) => return Err(self.fail("drop expired partitions", e)),
             }
         }
         self.last_maintenance = Instant::now();
         Ok(())
     }
 
-    /// Runs `BEGIN`, `steps`, the checkpoint upsert; then appends `poison` (fsync'd) and
-    /// `COMMIT`s. Returns the rows `steps` stored. On failure the transaction is rolled back
-    /// (or the connection dropped) and the statement's error returned.
-    fn transaction<'a>(
-        &mut self,
-        lsn: Lsn,
-        tables: &[TableRows<'a>],
-        staged: bool,
-    ) -> Result<Stored<'a>, TxError> {
-        let Some(conn) = self.conn.as_ref() else {
-            return Err(TxError::Sink(SinkError::Postgres("not connected".into())));
-        };
-        let lsn_param = i64::try_from(lsn).map_err(|_| {
-            TxError::Sink(SinkError::PostgresFatal(format!("lsn {lsn} does not fit a bigint")))
-        })?;
+    /// Runs `BEGIN`, the COPYs (or the staged, bisecting path), the checkpoint upsert. Returns
+    /// what was stored and refused; the transaction is left open for [`Self::commit`] or
+    /// [`Self::rollback`]. On failure it is rolled back (or the connection dropped) and the
+    /// statement's error returned.
+    fn transaction(&mut self, lsn: Lsn, tables: &[TableRows], staged: bool) -> Result<Stored, TxError> {
+        let conn = self.conn().map_err(TxError::Sink)?;
+        let lsn_param = i64::try_from(lsn).map_err(|_| TxError::Sink(Error::PostgresLsn(lsn)))?;
         let result = self.rt.block_on(async {
             conn.client.batch_execute("BEGIN").await?;
             let mut stored = Stored::default();
@@ -347,7 +333,7 @@ impl PostgresSink {
                 if staged {
                     let (rows, refused) = bisect(conn, &self.cfg.schema, t).await?;
                     stored.rows += rows;
-                    stored.refused.extend(refused.into_iter().map(|(frame, error)| (t.kind, frame, error)));
+                    stored.refused.extend(refused);
                 } else {
                     stored.rows +=
                         copy_in(&conn.client, conn.copy_statement(t.kind), &t.rows, 0..t.rows.len()).await?;
@@ -368,13 +354,10 @@ impl PostgresSink {
         }
     }
 
-    fn commit(&mut self) -> Result<(), SinkError> {
-        let Some(conn) = self.conn.as_ref() else {
-            return Err(SinkError::Postgres("not connected".into()));
-        };
-        match self.rt.block_on(conn.client.batch_execute("COMMIT")) {
+    fn commit(&mut self) -> Result<()> {
+        match self.rt.block_on(self.conn()?.client.batch_execute("COMMIT")) {
             Ok(()) => Ok(()),
-            Err(e) => Err(self.fail("commit", &e)),
+            Err(e) => Err(self.fail("commit", e)),
         }
     }
 
@@ -386,88 +369,35 @@ impl PostgresSink {
         }
     }
 
-    /// Appends the poison rows as dead-letter lines to today's poison file and fsyncs it.
-    fn append_poison(&mut self, lsn: Lsn, poison: &[Poison<'_>]) -> Result<(), SinkError> {
-        if poison.is_empty() || self.poison_written_for == Some(lsn) {
-            return Ok(());
-        }
-        let mut buf = Vec::new();
-        for p in poison {
-            poison_line(p, &mut buf)?;
-        }
-        let dir = self.poison_dir();
-        let created_dir = !dir.exists();
-        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-        let path = dir
-            .join(format!("poison-{}.ndjson", rolling::date_string(now_micros().div_euclid(MICROS_PER_DAY))));
-        let created_file = !path.exists();
-        let mut file =
-            OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err(&path, e))?;
-        file.write_all(&buf).map_err(|e| io_err(&path, e))?;
-        file.sync_data().map_err(|e| io_err(&path, e))?;
-        if created_file {
-            rolling::fsync_dir(&dir)?;
-        }
-        if created_dir {
-            if let Some(parent) = dir.parent() {
-                rolling::fsync_dir(parent)?;
-            }
-        }
-        self.poison_written_for = Some(lsn);
-        Ok(())
-    }
-}
-
-/// What a transaction stored.
-#[derive(Default)]
-struct Stored<'a> {
-    rows: u64,
-    refused: Vec<(Kind, &'a Frame, String)>,
-}
-
-enum TxError {
-    Pg(tokio_postgres::Error),
-    Sink(SinkError),
-}
-
-impl Sink for PostgresSink {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn durable_lsn(&self) -> Lsn {
-        self.durable
-    }
-
-    fn write(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
-        if batch.lsn <= self.durable {
-            tracing::debug!(sink = NAME, lsn = batch.lsn, durable = self.durable, "skipped replayed batch");
-            return Ok(());
-        }
+    fn write_batch(&mut self, batch: &Batch) -> Result<(), SinkError> {
         self.connect()?;
         if batch.lsn <= self.durable {
             // Committed before the connection was lost.
             return Ok(());
         }
 
-        let mut poison: Vec<Poison<'_>> = Vec::new();
+        let mut poison: Vec<Poison> = Vec::new();
         let mut tables = Vec::with_capacity(2);
         for kind in Kind::ALL {
-            let frames: Vec<&Frame> = batch.frames.iter().filter(|f| f.kind() == kind).collect();
-            let (rows, unencodable) = EncodedRows::encode(frames.iter().copied());
+            let indices: Vec<usize> =
+                batch.frames.iter().enumerate().filter(|(_, f)| f.kind() == kind).map(|(i, _)| i).collect();
+            let (rows, unencodable) = EncodedRows::encode(indices.iter().map(|&i| &batch.frames[i]));
             for (i, e) in unencodable {
-                poison.push(Poison { frame: frames[i], error: format!("{} {}", e.sqlstate, e.message) });
+                poison.push(Poison { index: indices[i], detail: format!("{} {}", e.sqlstate, e.message) });
             }
-            tables.push(TableRows { kind, frames, rows });
+            tables.push(TableRows { kind, indices, rows });
         }
-        self.ensure_days(batch.frames.iter().map(|f| f.ts.div_euclid(MICROS_PER_DAY)))?;
+        if !poison.is_empty() {
+            return Err(SinkError::Poison(poison));
+        }
+        self.ensure_days(batch.frames.iter().map(|f| day_of(f.ts)))?;
 
         // The common case: COPY straight into the tables.
         let mut staged = false;
         let stored = loop {
             match self.transaction(batch.lsn, &tables, staged) {
                 Ok(stored) => break stored,
-                Err(TxError::Sink(e)) => return Err(e),
+                Err(TxError::Sink(e)) => return Err(e.into()),
                 Err(TxError::Pg(e)) => {
                     let failure = schema::classify(e.code().map(|c| c.code()));
                     match failure {
@@ -482,41 +412,52 @@ impl Sink for PostgresSink {
                                 // A partition dropped behind our back (another instance's
                                 // retention) looks like a data error: check the catalog again.
                                 self.refresh_days()?;
-                                self.ensure_days(
-                                    batch.frames.iter().map(|f| f.ts.div_euclid(MICROS_PER_DAY)),
-                                )?;
+                                self.ensure_days(batch.frames.iter().map(|f| day_of(f.ts)))?;
                             }
                             staged = true;
                         }
-                        _ => return Err(self.fail("write batch", &e)),
+                        _ => return Err(self.fail("write batch", e).into()),
                     }
                 }
             }
         };
-        for (kind, frame, error) in &stored.refused {
-            tracing::warn!(sink = NAME, kind = %kind, vehicle_id = %frame.vehicle_id, ts = frame.ts, error = %error, "postgres refused a row");
-            poison.push(Poison { frame, error: error.clone() });
-        }
-        if let Err(e) = self.append_poison(batch.lsn, &poison) {
+        if !stored.refused.is_empty() {
+            // Nothing of the batch is stored until its poison rows are kept elsewhere.
             self.rollback();
-            return Err(e);
+            let poison = stored.refused.into_iter().map(|(index, detail)| Poison { index, detail }).collect();
+            return Err(SinkError::Poison(poison));
         }
         self.commit()?;
         self.durable = batch.lsn;
         metrics::counter!("fleetpipe_frames_written_total", "sink" => NAME).increment(stored.rows);
-        if !poison.is_empty() {
-            metrics::counter!("fleetpipe_frames_rejected_total", "reason" => REFUSED_REASON)
-                .increment(poison.len() as u64);
-        }
-        tracing::trace!(
-            sink = NAME,
-            lsn = batch.lsn,
-            rows = stored.rows,
-            refused = poison.len(),
-            staged,
-            "committed batch"
-        );
+        tracing::trace!(sink = NAME, lsn = batch.lsn, rows = stored.rows, staged, "committed batch");
         Ok(())
+    }
+}
+
+/// What a transaction stored, and the rows (positions in the batch) Postgres refused.
+#[derive(Default)]
+struct Stored {
+    rows: u64,
+    refused: Vec<(usize, String)>,
+}
+
+enum TxError {
+    Pg(tokio_postgres::Error),
+    Sink(Error),
+}
+
+impl Sink for PostgresSink {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn durable_lsn(&self) -> Lsn {
+        self.durable
+    }
+
+    fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        self.write_batch(batch)
     }
 
     fn tick(&mut self, now: Instant) -> Result<(), SinkError> {
@@ -533,7 +474,7 @@ impl Sink for PostgresSink {
         Ok(())
     }
 
-    fn close(&mut self) -> Result<(), SinkError> {
+    fn flush(&mut self) -> Result<(), SinkError> {
         // Every write commits; there is nothing to flush.
         Ok(())
     }
@@ -560,20 +501,11 @@ async fn open_conn(
             return Err(e);
         }
     };
-    let q = schema::quote(schema);
-    let copy_sql = |table: &str, columns: &[&str]| {
-        format!("COPY {q}.{table} ({}) FROM STDIN (FORMAT binary)", columns.join(", "))
-    };
     let statements = async {
         Ok::<_, tokio_postgres::Error>((
-            client.prepare(&copy_sql("locations", LOCATION_COLUMNS)).await?,
-            client.prepare(&copy_sql("diagnostics", DIAGNOSTIC_COLUMNS)).await?,
-            client
-                .prepare(&format!(
-                    "INSERT INTO {q}.fleetpipe_checkpoints AS c (sink, lsn) VALUES ($1, $2)
-                     ON CONFLICT (sink) DO UPDATE SET lsn = greatest(c.lsn, excluded.lsn)"
-                ))
-                .await?,
+            client.prepare(&sql(COPY_SQL, schema, Kind::Location)).await?,
+            client.prepare(&sql(COPY_SQL, schema, Kind::Diagnostic)).await?,
+            client.prepare(&sql(SAVE_CHECKPOINT_SQL, schema, Kind::Location)).await?,
         ))
     };
     match statements.await {
@@ -588,10 +520,7 @@ async fn open_conn(
 }
 
 async fn read_checkpoint(client: &Client, schema: &str) -> Result<Lsn, tokio_postgres::Error> {
-    let q = schema::quote(schema);
-    let row = client
-        .query_opt(&format!("SELECT lsn FROM {q}.fleetpipe_checkpoints WHERE sink = $1"), &[&CHECKPOINT_KEY])
-        .await?;
+    let row = client.query_opt(&sql(READ_CHECKPOINT_SQL, schema, Kind::Location), &[&CHECKPOINT_KEY]).await?;
     Ok(row.map_or(0, |r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0)))
 }
 
@@ -618,36 +547,20 @@ async fn copy_in(
 
 /// Stores the rows of `t` through a staging table, `ON CONFLICT DO NOTHING`, isolating the rows
 /// Postgres refuses by bisection under savepoints. Returns the rows inserted and the refused
-/// frames with Postgres' error. Must run inside a transaction.
-async fn bisect<'a>(
+/// frames (their positions in the batch) with Postgres' error. Must run inside a transaction.
+async fn bisect(
     conn: &Conn,
     schema: &str,
-    t: &TableRows<'a>,
-) -> Result<(u64, Vec<(&'a Frame, String)>), tokio_postgres::Error> {
-    let q = schema::quote(schema);
-    let table = match t.kind {
-        Kind::Location => "locations",
-        Kind::Diagnostic => "diagnostics",
-    };
-    let columns = match t.kind {
-        Kind::Location => LOCATION_COLUMNS,
-        Kind::Diagnostic => DIAGNOSTIC_COLUMNS,
-    }
-    .join(", ");
-    let stage = format!("pg_temp.fleetpipe_stage_{table}");
-    conn.client
-        .batch_execute(&format!(
-            "CREATE TEMP TABLE IF NOT EXISTS fleetpipe_stage_{table} (LIKE {q}.{table}) ON COMMIT DROP"
-        ))
-        .await?;
-    let copy = conn.client.prepare(&format!("COPY {stage} ({columns}) FROM STDIN (FORMAT binary)")).await?;
-    let move_rows = conn
+    t: &TableRows,
+) -> Result<(u64, Vec<(usize, String)>), tokio_postgres::Error> {
+    let create = sql(STAGE_CREATE_SQL, schema, t.kind);
+    conn.client.batch_execute(&create).await?;
+    let stage = format!("pg_temp.fleetpipe_stage_{}", table_of(t.kind));
+    let copy = conn
         .client
-        .prepare(&format!(
-            "WITH moved AS (DELETE FROM {stage} RETURNING *)
-             INSERT INTO {q}.{table} ({columns}) SELECT {columns} FROM moved ON CONFLICT DO NOTHING"
-        ))
+        .prepare(&format!("COPY {stage} ({}) FROM STDIN (FORMAT binary)", copy::columns(t.kind).join(", ")))
         .await?;
+    let move_rows = conn.client.prepare(&sql(STAGE_MOVE_SQL, schema, t.kind)).await?;
 
     let mut inserted = 0;
     let mut refused = Vec::new();
@@ -672,7 +585,7 @@ async fn bisect<'a>(
                     )
                     .await?;
                 if range.len() == 1 {
-                    refused.push((t.frames[t.rows.source(range.start)], describe(&e)));
+                    refused.push((t.indices[t.rows.source(range.start)], describe(&e)));
                 } else {
                     let mid = range.start + range.len() / 2;
                     // Later half first onto the stack, so rows are tried in order.
@@ -684,43 +597,4 @@ async fn bisect<'a>(
         }
     }
     Ok((inserted, refused))
-}
-
-/// One dead-letter line for a poison row.
-///
-/// The line is [`dead_letter::encode_line`]'s, with reason `out_of_range`, detail
-/// `postgres: SQLSTATE message (detail)` and `raw` the frame as contract JSON. A frame no longer
-/// knows which source it came from (the log keeps frames, not messages), so `source` says
-/// `"postgres"`, the stage that refused it, `topic` is null and `index` null.
-fn poison_line(p: &Poison<'_>, out: &mut Vec<u8>) -> Result<(), SinkError> {
-    let mut raw = Vec::new();
-    fleetpipe_processors::codec::encode_json(p.frame, &mut raw);
-    let rejection = Rejection {
-        reason: Reason::OutOfRange,
-        detail: format!("postgres: {}", p.error),
-        index: None,
-        raw: Bytes::from(raw),
-        // Placeholder, replaced below: `Origin` has no variant for "refused by a sink".
-        origin: Origin::Http,
-        received_at: p.frame.received_at,
-    };
-    let mut line = Vec::new();
-    dead_letter::encode_line(&rejection, &mut line)?;
-    let mut value: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&line)?;
-    value.insert("source".into(), NAME.into());
-    serde_json::to_writer(&mut *out, &value)?;
-    out.push(b'\n');
-    Ok(())
-}
-
-fn pg_error(what: &str, e: &tokio_postgres::Error) -> SinkError {
-    let detail = format!("{what}: {}", describe(e));
-    match schema::classify(e.code().map(|c| c.code())) {
-        Failure::Fatal => SinkError::PostgresFatal(detail),
-        _ => SinkError::Postgres(detail),
-    }
-}
-
-fn now_micros() -> Micros {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as Micros)
 }

@@ -5,45 +5,64 @@
 use std::sync::Arc;
 
 use fleetpipe_processors::latest::VehicleState;
-use fleetpipe_processors::{Body, Diagnostic, Dtc, Frame, Location, Micros};
+use fleetpipe_processors::{Body, Diagnostic, Dtc, Frame, Kind, Location, Micros};
 use tokio::sync::RwLock;
 use tokio_postgres::{Client, NoTls, Row};
 
-use super::schema::quote;
-use super::validate_schema_name;
-use crate::SinkError;
+use super::{copy, sql, validate_schema_name};
+use crate::{Error, Result};
 
-/// `ts` and `received_at` as epoch microseconds, then the kind's own columns.
-const LOCATION_SELECT: &str = "vehicle_id, (extract(epoch FROM ts) * 1000000)::int8, seq, \
-     (extract(epoch FROM received_at) * 1000000)::int8, lat, lon, speed_kmh, heading_deg, alt_m, accuracy_m, \
-     satellites, odometer_m, ignition";
-const DIAGNOSTIC_SELECT: &str = "vehicle_id, (extract(epoch FROM ts) * 1000000)::int8, seq, \
-     (extract(epoch FROM received_at) * 1000000)::int8, engine_rpm, coolant_temp_c, engine_load_pct, \
-     fuel_level_pct, battery_soc_pct, battery_v, engine_hours, odometer_m, mil_on, dtcs, signals";
+const LATEST_SQL: &str = include_str!("sql/latest.sql");
+const TRACK_SQL: &str = include_str!("sql/track.sql");
+
+/// A statement of `sql/` with `{select}` the kind's columns as the reader takes them: `ts` and
+/// `received_at` as epoch microseconds.
+fn query(text: &str, schema: &str, kind: Kind) -> String {
+    let select: Vec<String> = copy::columns(kind)
+        .into_iter()
+        .map(|c| match c {
+            "ts" | "received_at" => format!("(extract(epoch FROM {c}) * 1000000)::int8"),
+            _ => c.to_owned(),
+        })
+        .collect();
+    sql(text, schema, kind).replace("{select}", &select.join(", "))
+}
 
 /// Read access to the history tables.
 #[derive(Clone)]
 pub struct PostgresReader {
     url: Arc<str>,
-    schema: Arc<str>,
+    queries: Arc<Queries>,
     client: Arc<RwLock<Option<Arc<Client>>>>,
 }
 
-fn err(e: tokio_postgres::Error) -> SinkError {
-    SinkError::Postgres(e.to_string())
+/// The reader's statements, made once for its schema.
+struct Queries {
+    latest_location: String,
+    latest_diagnostic: String,
+    track: String,
+}
+
+fn err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
+    move |source| Error::Postgres { what, source }
 }
 
 impl PostgresReader {
-    pub fn new(url: &str, schema: &str) -> Result<PostgresReader, SinkError> {
-        validate_schema_name(schema).map_err(SinkError::PostgresFatal)?;
+    pub fn new(url: &str, schema: &str) -> Result<PostgresReader> {
+        validate_schema_name(schema).map_err(Error::PostgresSchema)?;
+        let queries = Queries {
+            latest_location: query(LATEST_SQL, schema, Kind::Location),
+            latest_diagnostic: query(LATEST_SQL, schema, Kind::Diagnostic),
+            track: query(TRACK_SQL, schema, Kind::Location),
+        };
         Ok(PostgresReader {
             url: url.into(),
-            schema: quote(schema).into(),
+            queries: Arc::new(queries),
             client: Arc::new(RwLock::new(None)),
         })
     }
 
-    async fn client(&self) -> Result<Arc<Client>, SinkError> {
+    async fn client(&self) -> Result<Arc<Client>> {
         if let Some(c) = self.client.read().await.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
@@ -51,7 +70,7 @@ impl PostgresReader {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await.map_err(err)?;
+        let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await.map_err(err("connect"))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::warn!(error = %e, "postgres reader connection closed");
@@ -63,27 +82,13 @@ impl PostgresReader {
     }
 
     /// The newest location and diagnostic row of a vehicle (by `ts`, then `seq`), if any.
-    pub async fn latest(&self, vehicle_id: &str) -> Result<Option<VehicleState>, SinkError> {
+    pub async fn latest(&self, vehicle_id: &str) -> Result<Option<VehicleState>> {
         let c = self.client().await?;
-        let s = &self.schema;
-        let loc = c
-            .query_opt(
-                &format!(
-                    "SELECT {LOCATION_SELECT} FROM {s}.locations WHERE vehicle_id = $1 ORDER BY ts DESC, seq DESC LIMIT 1"
-                ),
-                &[&vehicle_id],
-            )
-            .await
-            .map_err(err)?;
-        let diag = c
-            .query_opt(
-                &format!(
-                    "SELECT {DIAGNOSTIC_SELECT} FROM {s}.diagnostics WHERE vehicle_id = $1 ORDER BY ts DESC, seq DESC LIMIT 1"
-                ),
-                &[&vehicle_id],
-            )
-            .await
-            .map_err(err)?;
+        let q = &self.queries;
+        let loc =
+            c.query_opt(&q.latest_location, &[&vehicle_id]).await.map_err(err("read latest location"))?;
+        let diag =
+            c.query_opt(&q.latest_diagnostic, &[&vehicle_id]).await.map_err(err("read latest diagnostic"))?;
         if loc.is_none() && diag.is_none() {
             return Ok(None);
         }
@@ -94,35 +99,21 @@ impl PostgresReader {
     }
 
     /// Location history in time order, `from <= ts < to`, at most `limit` frames.
-    pub async fn track(
-        &self,
-        vehicle_id: &str,
-        from: Micros,
-        to: Micros,
-        limit: i64,
-    ) -> Result<Vec<Frame>, SinkError> {
+    pub async fn track(&self, vehicle_id: &str, from: Micros, to: Micros, limit: i64) -> Result<Vec<Frame>> {
         let c = self.client().await?;
-        let s = &self.schema;
         let rows = c
-            .query(
-                &format!(
-                    "SELECT {LOCATION_SELECT} FROM {s}.locations WHERE vehicle_id = $1 \
-                     AND ts >= to_timestamp($2::float8 / 1e6) AND ts < to_timestamp($3::float8 / 1e6) \
-                     ORDER BY ts, seq LIMIT $4"
-                ),
-                &[&vehicle_id, &(from as f64), &(to as f64), &limit],
-            )
+            .query(&self.queries.track, &[&vehicle_id, &(from as f64), &(to as f64), &limit])
             .await
-            .map_err(err)?;
+            .map_err(err("read track"))?;
         rows.iter().map(location).collect()
     }
 }
 
-fn get<'a, T: tokio_postgres::types::FromSql<'a>>(r: &'a Row, i: usize) -> Result<T, SinkError> {
-    r.try_get(i).map_err(err)
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(r: &'a Row, i: usize) -> Result<T> {
+    r.try_get(i).map_err(err("read a row"))
 }
 
-fn location(r: &Row) -> Result<Frame, SinkError> {
+fn location(r: &Row) -> Result<Frame> {
     Ok(Frame {
         vehicle_id: get(r, 0)?,
         ts: get(r, 1)?,
@@ -142,9 +133,11 @@ fn location(r: &Row) -> Result<Frame, SinkError> {
     })
 }
 
-fn diagnostic(r: &Row) -> Result<Frame, SinkError> {
-    let dtcs: Option<serde_json::Value> = get(r, 13)?;
-    let signals: Option<serde_json::Value> = get(r, 14)?;
+fn diagnostic(r: &Row) -> Result<Frame> {
+    // vehicle_id, ts, seq, received_at, the measures, then these.
+    let after = 4 + Diagnostic::MEASURES.len();
+    let dtcs: Option<serde_json::Value> = get(r, after + 1)?;
+    let signals: Option<serde_json::Value> = get(r, after + 2)?;
     let dtcs = dtcs.map(|v| {
         v.as_array()
             .map(|items| {
@@ -167,23 +160,20 @@ fn diagnostic(r: &Row) -> Result<Frame, SinkError> {
             })
             .unwrap_or_default()
     });
+    let mut d = Diagnostic {
+        mil_on: get(r, after)?,
+        dtcs,
+        signals: signals.map(|v| v.to_string()),
+        ..Diagnostic::default()
+    };
+    for (i, m) in Diagnostic::MEASURES.iter().enumerate() {
+        (m.set)(&mut d, get(r, 4 + i)?);
+    }
     Ok(Frame {
         vehicle_id: get(r, 0)?,
         ts: get(r, 1)?,
         seq: get::<i64>(r, 2)? as u64,
         received_at: get(r, 3)?,
-        body: Body::Diagnostic(Box::new(Diagnostic {
-            engine_rpm: get(r, 4)?,
-            coolant_temp_c: get(r, 5)?,
-            engine_load_pct: get(r, 6)?,
-            fuel_level_pct: get(r, 7)?,
-            battery_soc_pct: get(r, 8)?,
-            battery_v: get(r, 9)?,
-            engine_hours: get(r, 10)?,
-            odometer_m: get(r, 11)?,
-            mil_on: get(r, 12)?,
-            dtcs,
-            signals: signals.map(|v| v.to_string()),
-        })),
+        body: Body::Diagnostic(Box::new(d)),
     })
 }

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use tokio_postgres::Client;
 
-use crate::rolling::civil_from_days;
+use fleetpipe_processors::time::{compact_date, date_string, days_from_civil, parse_compact_date};
 
 /// `(version, sql)`, in order. `{schema}` in the text is replaced by the quoted schema name.
 pub(crate) const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_tables.sql"))];
@@ -82,17 +82,6 @@ pub(crate) async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32
     Ok(applied)
 }
 
-/// Day number (since 1970-01-01) of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
-pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 /// Days a partition can be made for: years 1..=9999 (what validation lets through, and what
 /// an 8-digit `YYYYMMDD` suffix and a plain date literal can express). A frame outside them is
 /// refused by Postgres (no partition) and diverted as a poison row.
@@ -102,26 +91,17 @@ pub(crate) fn partitionable(day: i64) -> bool {
 
 /// `YYYYMMDD` of a day.
 pub(crate) fn day_suffix(day: i64) -> String {
-    let (y, m, d) = civil_from_days(day);
-    format!("{y:04}{m:02}{d:02}")
+    compact_date(day)
 }
 
 /// The day of a `YYYYMMDD` suffix.
 pub(crate) fn parse_day_suffix(s: &str) -> Option<i64> {
-    if s.len() != 8 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let y: i64 = s[..4].parse().ok()?;
-    let m: u32 = s[4..6].parse().ok()?;
-    let d: u32 = s[6..].parse().ok()?;
-    let day = days_from_civil(y, m, d);
-    (civil_from_days(day) == (y, m, d)).then_some(day)
+    parse_compact_date(s)
 }
 
 /// `YYYY-MM-DD 00:00:00+00`, the start of a day as a timestamptz literal.
 fn day_start(day: i64) -> String {
-    let (y, m, d) = civil_from_days(day);
-    format!("{y:04}-{m:02}-{d:02} 00:00:00+00")
+    format!("{} 00:00:00+00", date_string(day))
 }
 
 /// Creates the partitions of both tables for `days` (each must be [`partitionable`]), a few

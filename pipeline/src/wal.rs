@@ -18,6 +18,7 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use fleetpipe_processors::Lsn;
+use serde::Deserialize;
 
 const HEADER: usize = 16;
 /// A record larger than this is refused (and seen as corruption when read).
@@ -39,9 +40,43 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
     move |source| WalError::Io { path: path.to_path_buf(), source }
 }
 
-/// Sizing of the log.
-#[derive(Debug, Clone)]
+/// `[wal]`: sizing of the log and of its group commits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct WalConfig {
+    /// A segment is closed and a new one started past this size (MiB).
+    pub segment_mib: u64,
+    /// Bound on the log's disk use (MiB); past it, intake pushes back until sinks catch up.
+    pub max_mib: u64,
+    /// Most entries in one group commit (one fsync).
+    pub group_entries: usize,
+    /// How long a group commit waits at most for more entries after the first (milliseconds):
+    /// fewer, larger fsyncs and batches, for up to that much more time-to-ack. It stops waiting
+    /// as soon as an eighth of it passes with nothing new.
+    pub group_linger_ms: f64,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig { segment_mib: 64, max_mib: 2048, group_entries: 512, group_linger_ms: 2.0 }
+    }
+}
+
+impl WalConfig {
+    /// Where and how large the log is, for [`Wal::open`].
+    pub fn layout(&self, dir: PathBuf) -> Layout {
+        Layout { dir, segment_bytes: self.segment_mib << 20, max_bytes: self.max_mib << 20 }
+    }
+
+    /// [`WalConfig::group_linger_ms`] as a duration.
+    pub fn group_linger(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.group_linger_ms.max(0.0) / 1000.0)
+    }
+}
+
+/// Where the log lives and how large it grows.
+#[derive(Debug, Clone)]
+pub struct Layout {
     pub dir: PathBuf,
     /// A segment is closed and a new one started past this size.
     pub segment_bytes: u64,
@@ -57,7 +92,7 @@ struct Segment {
 
 /// The open log. Single writer; reads for replay go through [`Wal::read_from`].
 pub struct Wal {
-    cfg: WalConfig,
+    cfg: Layout,
     /// Closed segments, oldest first, then the active one last.
     segments: Vec<Segment>,
     active: File,
@@ -67,7 +102,7 @@ pub struct Wal {
 
 impl Wal {
     /// Opens (or creates) the log, validating every record and cutting a torn tail.
-    pub fn open(cfg: WalConfig) -> Result<Wal, WalError> {
+    pub fn open(cfg: Layout) -> Result<Wal, WalError> {
         fs::create_dir_all(&cfg.dir).map_err(io_err(&cfg.dir))?;
         let mut firsts: Vec<Lsn> = Vec::new();
         for entry in fs::read_dir(&cfg.dir).map_err(io_err(&cfg.dir))? {
@@ -327,8 +362,8 @@ fn scan_segment(path: &Path, first: Lsn) -> Result<(u64, Option<Lsn>), WalError>
 mod tests {
     use super::*;
 
-    fn cfg(dir: &Path, segment_bytes: u64) -> WalConfig {
-        WalConfig { dir: dir.to_path_buf(), segment_bytes, max_bytes: 1 << 30 }
+    fn cfg(dir: &Path, segment_bytes: u64) -> Layout {
+        Layout { dir: dir.to_path_buf(), segment_bytes, max_bytes: 1 << 30 }
     }
 
     fn read_all(wal: &Wal, from: Lsn) -> Vec<(Lsn, Vec<u8>)> {

@@ -1,4 +1,4 @@
-//! Exactly-once files through generations: the commit protocol shared by the file sinks.
+//! Exactly-once files through generations: the commit protocol under [`super::RollingSink`].
 //!
 //! A file sink writes every file it has open aside, under a hidden temporary name
 //! (`.part-{g:010}-{n:04}.{ext}.tmp`, invisible to `**/*.{ext}` globs and to Spark, which skips
@@ -27,10 +27,10 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use fleetpipe_processors::{Lsn, Micros};
+use fleetpipe_processors::Lsn;
 use serde::{Deserialize, Serialize};
 
-use crate::SinkError;
+use crate::{io_err, Error, Result};
 
 /// File name of a sink's checkpoint inside its control directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.json";
@@ -97,7 +97,7 @@ impl RollingDir {
         control_dir: impl Into<PathBuf>,
         data_dirs: Vec<PathBuf>,
         ext: &'static str,
-    ) -> Result<RollingDir, SinkError> {
+    ) -> Result<RollingDir> {
         let control_dir = control_dir.into();
         let mut dir = RollingDir {
             control_dir,
@@ -142,7 +142,7 @@ impl RollingDir {
 
     /// Names the next file of the current generation in `dir`, creates `dir` if needed (fsyncing
     /// the parents of the directories it creates) and creates the temporary file.
-    pub fn create(&mut self, dir: &Path) -> Result<(PendingFile, File), SinkError> {
+    pub fn create(&mut self, dir: &Path) -> Result<(PendingFile, File)> {
         self.ensure_dir(dir)?;
         let g = self.generation();
         let n = {
@@ -162,7 +162,7 @@ impl RollingDir {
     /// `fsync`s a finished file and stages it for the next [`commit`](Self::commit). On failure
     /// the temporary file is deleted; the caller must treat its generation as lost (see the
     /// module documentation).
-    pub fn stage(&mut self, pending: PendingFile, file: File) -> Result<(), SinkError> {
+    pub fn stage(&mut self, pending: PendingFile, file: File) -> Result<()> {
         if let Err(e) = file.sync_all() {
             drop(file);
             remove_quietly(&pending.tmp);
@@ -175,7 +175,7 @@ impl RollingDir {
 
     /// Publishes the staged files and records `lsn` as durable; returns how many files were
     /// published. With nothing staged it only moves the checkpoint. Resumable after an error.
-    pub fn commit(&mut self, lsn: Lsn) -> Result<usize, SinkError> {
+    pub fn commit(&mut self, lsn: Lsn) -> Result<usize> {
         let mut dirs = BTreeSet::new();
         for f in &mut self.staged {
             if !f.renamed {
@@ -210,7 +210,7 @@ impl RollingDir {
     }
 
     /// Creates `dir` and any missing ancestors, fsyncing the parent of each directory created.
-    fn ensure_dir(&mut self, dir: &Path) -> Result<(), SinkError> {
+    fn ensure_dir(&mut self, dir: &Path) -> Result<()> {
         if self.known_dirs.contains(dir) {
             return Ok(());
         }
@@ -236,7 +236,7 @@ impl RollingDir {
         Ok(())
     }
 
-    fn recover(&mut self) -> Result<(), SinkError> {
+    fn recover(&mut self) -> Result<()> {
         let committed = self.committed.generation;
         let ext = self.ext;
         let mut recovery = Recovery::default();
@@ -301,7 +301,7 @@ pub fn parse_final_name(name: &str, ext: &str) -> Option<(u64, u32)> {
 
 /// Every committed final file (extension `ext`) under `root`, as `(generation, path)`, sorted.
 /// Files of generations newer than the checkpoint in `control_dir` are left out.
-pub fn committed_files(control_dir: &Path, root: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>, SinkError> {
+pub fn committed_files(control_dir: &Path, root: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>> {
     let committed = read_checkpoint(control_dir)?.generation;
     let mut out = Vec::new();
     walk_files(root, &mut |path, name| {
@@ -317,18 +317,18 @@ pub fn committed_files(control_dir: &Path, root: &Path, ext: &str) -> Result<Vec
 }
 
 /// Reads `{control_dir}/checkpoint.json`; absent means lsn 0, generation 0.
-pub fn read_checkpoint(control_dir: &Path) -> Result<Checkpoint, SinkError> {
+pub fn read_checkpoint(control_dir: &Path) -> Result<Checkpoint> {
     let path = control_dir.join(CHECKPOINT_FILE);
     match fs::read(&path) {
         Ok(bytes) => {
-            serde_json::from_slice(&bytes).map_err(|e| SinkError::Checkpoint { path, detail: e.to_string() })
+            serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint { path, detail: e.to_string() })
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Checkpoint::default()),
         Err(e) => Err(io_err(&path, e)),
     }
 }
 
-fn write_checkpoint(control_dir: &Path, checkpoint: &Checkpoint) -> Result<(), SinkError> {
+fn write_checkpoint(control_dir: &Path, checkpoint: &Checkpoint) -> Result<()> {
     let tmp = control_dir.join(CHECKPOINT_TMP);
     let path = control_dir.join(CHECKPOINT_FILE);
     let mut body = serde_json::to_vec(checkpoint)?;
@@ -344,10 +344,7 @@ fn write_checkpoint(control_dir: &Path, checkpoint: &Checkpoint) -> Result<(), S
 /// Visits every regular file under `root` (not following symlinks, skipping `_fleetpipe`
 /// directories). `visit(path, name)` returns whether it removed the file; directories that lost
 /// a file are fsync'd. A missing `root` is empty.
-fn walk_files(
-    root: &Path,
-    visit: &mut dyn FnMut(&Path, &str) -> Result<bool, SinkError>,
-) -> Result<(), SinkError> {
+fn walk_files(root: &Path, visit: &mut dyn FnMut(&Path, &str) -> Result<bool>) -> Result<()> {
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let entries = match fs::read_dir(&dir) {
@@ -377,11 +374,11 @@ fn walk_files(
 }
 
 /// `fsync` a directory, making renames, creations and deletions in it durable.
-pub fn fsync_dir(dir: &Path) -> Result<(), SinkError> {
+pub fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, e))
 }
 
-fn remove_if_exists(path: &Path) -> Result<bool, SinkError> {
+fn remove_if_exists(path: &Path) -> Result<bool> {
     match fs::remove_file(path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -399,44 +396,6 @@ pub fn remove_quietly(path: &Path) {
     }
 }
 
-pub(crate) fn io_err(path: &Path, source: io::Error) -> SinkError {
-    SinkError::Io { path: path.to_path_buf(), source }
-}
-
-pub(crate) const MICROS_PER_HOUR: i64 = 3_600_000_000;
-pub(crate) const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
-
-/// `(year, month, day)` of a day number counted from 1970-01-01 (proleptic Gregorian), total
-/// over every `i64` day a `Micros` can reach (H. Hinnant's `civil_from_days`).
-pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m as u32, d as u32)
-}
-
-/// `YYYY-MM-DD` of a day number counted from 1970-01-01.
-pub(crate) fn date_string(days: i64) -> String {
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// RFC 3339 in UTC with millisecond precision: `2026-11-25T21:00:00.250Z`.
-pub(crate) fn rfc3339_millis(micros: Micros) -> String {
-    let days = micros.div_euclid(MICROS_PER_DAY);
-    let of_day = micros.rem_euclid(MICROS_PER_DAY);
-    let (y, mo, d) = civil_from_days(days);
-    let secs = of_day / 1_000_000;
-    let millis = (of_day % 1_000_000) / 1000;
-    format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", secs / 3600, (secs / 60) % 60, secs % 60)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,45 +410,5 @@ mod tests {
         assert_eq!(parse_final_name("other.parquet", "parquet"), None);
         assert!(is_tmp_name(".part-0000000007-0002.parquet.tmp", "parquet"));
         assert!(!is_tmp_name("notes.tmp", "parquet"));
-    }
-
-    #[test]
-    fn civil_dates_match_known_days() {
-        assert_eq!(date_string(0), "1970-01-01");
-        assert_eq!(date_string(-1), "1969-12-31");
-        assert_eq!(date_string(11_016), "2000-02-29");
-        assert_eq!(date_string(20_782), "2026-11-25");
-        assert_eq!(rfc3339_millis(1_795_640_400_250_000), "2026-11-25T21:00:00.250Z");
-        assert_eq!(rfc3339_millis(-1_000), "1969-12-31T23:59:59.999Z");
-    }
-}
-
-/// What a file sink knows when deciding whether to roll.
-#[derive(Debug, Clone, Copy)]
-pub struct RollState {
-    /// When the oldest open file was opened; `None` when nothing is open.
-    pub oldest_open: Option<std::time::Instant>,
-    /// Rows (or lines) in the fullest open file.
-    pub fullest: usize,
-    pub max_per_file: usize,
-    pub roll_after: std::time::Duration,
-    /// Batches without anything for this sink moved its position past the saved checkpoint.
-    pub unsaved: bool,
-    pub last_checkpoint: std::time::Instant,
-    pub now: std::time::Instant,
-}
-
-/// The one roll policy of the file sinks: roll open files by age or size; with nothing open,
-/// save a position that moved now and then, so that a restart does not replay it all.
-/// Returns why a roll is due.
-pub fn roll_due(s: RollState) -> Option<&'static str> {
-    match s.oldest_open {
-        Some(oldest) if s.now.saturating_duration_since(oldest) >= s.roll_after => Some("age"),
-        Some(_) if s.fullest >= s.max_per_file => Some("size"),
-        Some(_) => None,
-        None if s.unsaved && s.now.saturating_duration_since(s.last_checkpoint) >= s.roll_after => {
-            Some("checkpoint")
-        }
-        None => None,
     }
 }

@@ -1,21 +1,22 @@
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleetpipe_processors::{Body, Frame, Location, Lsn};
-use fleetpipe_sinks::driver::{spawn, Backlog, DriverConfig, SinkFeed, SinkHandle};
-use fleetpipe_sinks::parquet::{ParquetConfig, ParquetSink};
-use fleetpipe_sinks::{Sink, SinkBatch, SinkError};
+use bytes::Bytes;
+use fleetpipe_pipeline::driver::{spawn, DriverConfig, LogAccess, SinkFeed, SinkHandle};
+use fleetpipe_pipeline::{NotDurable, Poison, Sink, SinkError};
+use fleetpipe_processors::{Batch, Body, Frame, Location, Lsn, Origin, Reason, Rejection};
 
 #[derive(Default)]
 struct Calls {
     writes: Vec<Lsn>,
     write_attempts: usize,
     ticks: usize,
-    closes: usize,
+    flushes: usize,
+    /// The frames (by seq) of each successful write.
+    written_seqs: Vec<Vec<u64>>,
 }
 
 /// Makes a batch durable at the next tick; fails the first `fail_writes` writes.
@@ -23,6 +24,8 @@ struct FakeSink {
     calls: Arc<Mutex<Calls>>,
     fail_writes: usize,
     poison_at: Option<Lsn>,
+    /// Frames with this seq are refused as poison.
+    refuse_seq: Option<u64>,
     /// `false`: only `close` makes batches durable.
     durable_on_tick: bool,
     written: Lsn,
@@ -35,6 +38,7 @@ impl FakeSink {
             calls: Arc::clone(calls),
             fail_writes: 0,
             poison_at: None,
+            refuse_seq: None,
             durable_on_tick: true,
             written: 0,
             durable: 0,
@@ -49,24 +53,28 @@ impl Sink for FakeSink {
     fn durable_lsn(&self) -> Lsn {
         self.durable
     }
-    fn write(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
+    fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let mut calls = self.calls.lock().unwrap();
         calls.write_attempts += 1;
         if self.poison_at == Some(batch.lsn) {
-            return Err(SinkError::Poisoned {
-                sink: "fake",
-                durable: self.durable,
-                detail: "disk on fire".into(),
-            });
+            return Err(SinkError::fatal("disk on fire"));
         }
         if self.fail_writes > 0 {
             self.fail_writes -= 1;
-            return Err(SinkError::Io {
-                path: PathBuf::from("/fake"),
-                source: std::io::Error::other("transient"),
-            });
+            return Err(SinkError::retry(std::io::Error::other("transient")));
+        }
+        let refused: Vec<Poison> = batch
+            .frames
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| Some(f.seq) == self.refuse_seq)
+            .map(|(index, _)| Poison { index, detail: "too big for the store".into() })
+            .collect();
+        if !refused.is_empty() {
+            return Err(SinkError::Poison(refused));
         }
         calls.writes.push(batch.lsn);
+        calls.written_seqs.push(batch.frames.iter().map(|f| f.seq).collect());
         self.written = batch.lsn;
         Ok(())
     }
@@ -77,39 +85,46 @@ impl Sink for FakeSink {
         }
         Ok(())
     }
-    fn close(&mut self) -> Result<(), SinkError> {
-        self.calls.lock().unwrap().closes += 1;
+    fn flush(&mut self) -> Result<(), SinkError> {
+        self.calls.lock().unwrap().flushes += 1;
         self.durable = self.written;
         Ok(())
     }
 }
 
-fn batch(lsn: Lsn) -> Arc<SinkBatch> {
-    Arc::new(SinkBatch { lsn, ..SinkBatch::default() })
+fn batch(lsn: Lsn) -> Arc<Batch> {
+    Arc::new(Batch { lsn, ..Batch::default() })
 }
 
 /// The log, as the driver sees it: every lsn from 1 to 1,000 is one record.
+#[derive(Default)]
 struct Log {
     reads: Mutex<Vec<(Lsn, Lsn)>>,
+    kept: Mutex<Vec<Rejection>>,
 }
 
-impl Backlog for Log {
+impl LogAccess for Log {
     fn replay(
         &self,
         after: Lsn,
         through: Lsn,
-        f: &mut dyn FnMut(SinkBatch) -> Result<(), SinkError>,
+        f: &mut dyn FnMut(Batch) -> Result<(), SinkError>,
     ) -> Result<(), SinkError> {
         self.reads.lock().unwrap().push((after, through));
         for lsn in after + 1..=through {
-            f(SinkBatch { lsn, ..SinkBatch::default() })?;
+            f(Batch { lsn, ..Batch::default() })?;
         }
+        Ok(())
+    }
+
+    fn keep(&self, rejections: Vec<Rejection>) -> Result<(), NotDurable> {
+        self.kept.lock().unwrap().extend(rejections);
         Ok(())
     }
 }
 
 fn start(sink: FakeSink, queue: usize, tick_ms: u64) -> (SinkHandle, SinkFeed, Arc<Log>) {
-    let log = Arc::new(Log { reads: Mutex::new(Vec::new()) });
+    let log = Arc::new(Log::default());
     let cfg = DriverConfig { queue, tick: Duration::from_millis(tick_ms), flush_every: None };
     let (handle, feed) = spawn(Box::new(sink), cfg, log.clone());
     (handle, feed, log)
@@ -137,7 +152,7 @@ fn failed_writes_are_retried_with_the_batch_held_and_durable_follows_the_sink() 
     let calls = calls.lock().unwrap();
     assert_eq!(calls.writes, vec![1, 2, 3], "in order, each once");
     assert_eq!(calls.write_attempts, 6);
-    assert_eq!(calls.closes, 1);
+    assert_eq!(calls.flushes, 1);
 }
 
 #[test]
@@ -151,7 +166,7 @@ fn the_sink_is_ticked_while_no_batch_arrives() {
 }
 
 #[test]
-fn a_poisoned_sink_stops_its_thread_with_the_error_and_disconnects_the_sender() {
+fn a_fatal_error_stops_the_sinks_thread_with_the_error_and_disconnects_the_sender() {
     let calls = Arc::new(Mutex::new(Calls::default()));
     let mut sink = FakeSink::new(&calls);
     sink.poison_at = Some(2);
@@ -159,41 +174,11 @@ fn a_poisoned_sink_stops_its_thread_with_the_error_and_disconnects_the_sender() 
     assert!(tx.offer(&batch(1)));
     assert!(tx.offer(&batch(2)));
     let err = handle.join().unwrap_err();
-    assert!(matches!(err, SinkError::Poisoned { sink: "fake", .. }), "{err}");
+    assert!(matches!(err, SinkError::Fatal(_)), "{err}");
+    assert_eq!(err.to_string(), "disk on fire");
     assert!(!err.is_retryable());
     assert!(!tx.offer(&batch(3)), "the receiver is gone");
-    assert_eq!(calls.lock().unwrap().closes, 0);
-}
-
-#[test]
-fn the_parquet_sink_runs_under_the_driver_and_commits_on_disconnect() {
-    let dir = tempfile::tempdir().unwrap();
-    let sink = ParquetSink::open(ParquetConfig::new(dir.path())).unwrap();
-    let log = Arc::new(Log { reads: Mutex::new(Vec::new()) });
-    let cfg = DriverConfig { queue: 8, tick: Duration::from_millis(10), flush_every: None };
-    let (handle, tx) = spawn(Box::new(sink), cfg, log);
-    let ts = 1_795_640_400_250_000;
-    for lsn in 1..=5u64 {
-        assert!(tx.offer(&Arc::new(SinkBatch {
-            lsn,
-            frames: vec![Frame {
-                vehicle_id: "V1".into(),
-                ts: ts + lsn as i64,
-                seq: lsn,
-                received_at: ts,
-                body: Body::Location(Location { lat: 1.0, lon: 2.0, ..Location::default() }),
-            }],
-            rejections: Vec::new(),
-        })));
-    }
-    drop(tx);
-    let durable = Arc::clone(&handle.durable);
-    handle.join().unwrap();
-    assert_eq!(durable.load(Ordering::Acquire), 5);
-    let file = dir.path().join("locations/date=2026-11-25/hour=21/part-0000000001-0000.parquet");
-    assert!(file.exists());
-    let reopened = ParquetSink::open(ParquetConfig::new(dir.path())).unwrap();
-    assert_eq!(reopened.durable_lsn(), 5);
+    assert_eq!(calls.lock().unwrap().flushes, 0);
 }
 
 #[test]
@@ -226,7 +211,7 @@ fn a_sink_whose_queue_is_full_is_skipped_and_catches_up_from_the_log_each_batch_
 #[test]
 fn with_flush_every_a_sink_is_made_durable_soon_after_its_queue_empties() {
     let calls = Arc::new(Mutex::new(Calls::default()));
-    let log = Arc::new(Log { reads: Mutex::new(Vec::new()) });
+    let log = Arc::new(Log::default());
     // Only a flush makes the batches durable.
     let cfg = DriverConfig {
         queue: 8,
@@ -244,7 +229,58 @@ fn with_flush_every_a_sink_is_made_durable_soon_after_its_queue_empties() {
         assert!(Instant::now() < deadline, "never flushed");
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(calls.lock().unwrap().closes >= 1);
+    assert!(calls.lock().unwrap().flushes >= 1);
     drop(tx);
     handle.join().unwrap();
+}
+
+fn frame(seq: u64) -> Frame {
+    Frame {
+        vehicle_id: "V1".into(),
+        ts: 1_795_640_400_250_000 + seq as i64,
+        seq,
+        received_at: 1_795_640_400_250_000,
+        body: Body::Location(Location { lat: 1.0, lon: 2.0, ..Location::default() }),
+    }
+}
+
+#[test]
+fn frames_a_sink_refuses_are_kept_through_the_log_and_the_batch_is_written_without_them() {
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let mut sink = FakeSink::new(&calls);
+    sink.refuse_seq = Some(2);
+    let (handle, tx, log) = start(sink, 4, 5);
+    let b = Batch { lsn: 1, frames: (1..=4).map(frame).collect(), rejections: Vec::new() };
+    assert!(tx.offer(&Arc::new(b)));
+    drop(tx);
+    handle.join().unwrap();
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.writes, vec![1], "the batch is written once, at its own lsn");
+    assert_eq!(calls.written_seqs, vec![vec![1, 3, 4]], "without the refused frame");
+    let kept = log.kept.lock().unwrap();
+    assert_eq!(kept.len(), 1);
+    let r = &kept[0];
+    assert_eq!(r.reason, Reason::OutOfRange);
+    assert_eq!(r.detail, "fake: too big for the store");
+    assert_eq!(r.origin, Origin::Sink { sink: "fake".into() });
+    assert_eq!(r.index, None);
+    assert_eq!(r.received_at, frame(2).received_at);
+    let mut raw = Vec::new();
+    fleetpipe_processors::codec::encode_json(&frame(2), &mut raw);
+    assert_eq!(r.raw, Bytes::from(raw));
+}
+
+#[test]
+fn a_batch_at_or_below_what_the_sink_took_is_not_handed_to_it_again() {
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let mut sink = FakeSink::new(&calls);
+    sink.written = 3;
+    sink.durable = 3;
+    let (handle, tx, _) = start(sink, 8, 5);
+    for lsn in [2, 3, 4, 4, 1, 5] {
+        assert!(tx.offer(&batch(lsn)));
+    }
+    drop(tx);
+    handle.join().unwrap();
+    assert_eq!(calls.lock().unwrap().writes, vec![4, 5]);
 }

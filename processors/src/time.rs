@@ -1,4 +1,6 @@
-//! Timestamps on the wire: RFC 3339 parsing and formatting over [`Micros`].
+//! Time: the one home of fleetpipe's calendar maths over [`Micros`] — RFC 3339 parsing and
+//! formatting of timestamps on the wire, day and hour numbers, and the dates that name
+//! partitions (`YYYY-MM-DD` directories, `YYYYMMDD` Postgres partitions).
 //!
 //! Hand-written rather than chrono-based because every JSON frame carries at least one timestamp
 //! and both directions sit on the hot path. Parsing accepts any RFC 3339 date-time (`T`, `t` or a
@@ -12,6 +14,11 @@ use crate::frame::Micros;
 const US_PER_SEC: i64 = 1_000_000;
 const US_PER_DAY: i64 = 86_400 * US_PER_SEC;
 
+/// Microseconds in an hour.
+pub const MICROS_PER_HOUR: Micros = 3_600 * US_PER_SEC;
+/// Microseconds in a day.
+pub const MICROS_PER_DAY: Micros = US_PER_DAY;
+
 /// `0001-01-01T00:00:00Z`, the earliest timestamp fleetpipe stores (every store and client
 /// library in the chain can represent it).
 pub const MIN_TS: Micros = days_from_civil(1, 1, 1) * US_PER_DAY;
@@ -20,7 +27,7 @@ pub const MIN_TS: Micros = days_from_civil(1, 1, 1) * US_PER_DAY;
 pub const MAX_TS: Micros = days_from_civil(10_000, 1, 1) * US_PER_DAY - 1;
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
-pub(crate) const fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+pub const fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
@@ -30,11 +37,12 @@ pub(crate) const fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// The date `(year, month, day)` of a day number since 1970-01-01.
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
+/// The date `(year, month, day)` of a day number since 1970-01-01, total over every day a
+/// [`Micros`] can reach.
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
+    let doe = z.rem_euclid(146_097);
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
@@ -199,6 +207,47 @@ pub fn format_ts(micros: Micros) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The day (since 1970-01-01, UTC) that `micros` falls on.
+pub fn day_of(micros: Micros) -> i64 {
+    micros.div_euclid(MICROS_PER_DAY)
+}
+
+/// The hour (since the epoch, UTC) that `micros` falls in.
+pub fn hour_of(micros: Micros) -> i64 {
+    micros.div_euclid(MICROS_PER_HOUR)
+}
+
+/// `YYYY-MM-DD` of a day number counted from 1970-01-01.
+pub fn date_string(days: i64) -> String {
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// `YYYYMMDD` of a day number counted from 1970-01-01.
+pub fn compact_date(days: i64) -> String {
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}{m:02}{d:02}")
+}
+
+/// The day of a `YYYYMMDD` date (a real calendar date), or `None`.
+pub fn parse_compact_date(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() != 8 {
+        return None;
+    }
+    let (y, m, d) = (digits(b, 0, 4)?, digits(b, 4, 2)?, digits(b, 6, 2)?);
+    if !(1..=12).contains(&m) || d < 1 || d > days_in_month(y, m) {
+        return None;
+    }
+    Some(days_from_civil(y, m, d))
+}
+
+/// RFC 3339 in UTC with millisecond precision, truncating finer digits:
+/// `2026-11-25T21:00:00.250Z` (what API answers and the dead-letter store show).
+pub fn format_millis(micros: Micros) -> String {
+    format_ts(micros - micros.rem_euclid(1000))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,5 +333,28 @@ mod tests {
             assert_eq!(parse_rfc3339(&format_ts(t)), Some(t));
             t += 86_399_999_997 * 13;
         }
+    }
+
+    #[test]
+    fn civil_dates_match_known_days() {
+        assert_eq!(date_string(0), "1970-01-01");
+        assert_eq!(date_string(-1), "1969-12-31");
+        assert_eq!(date_string(11_016), "2000-02-29");
+        assert_eq!(date_string(20_782), "2026-11-25");
+        assert_eq!(format_millis(1_795_640_400_250_000), "2026-11-25T21:00:00.250Z");
+        assert_eq!(format_millis(1_795_640_400_250_999), "2026-11-25T21:00:00.250Z");
+        assert_eq!(format_millis(-1_000), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn compact_dates_round_trip_over_every_storable_year() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(compact_date(days_from_civil(2026, 1, 25)), "20260125");
+        for day in [days_from_civil(1, 1, 1), -1, 0, 20_000, days_from_civil(9999, 12, 31)] {
+            assert_eq!(parse_compact_date(&compact_date(day)), Some(day));
+        }
+        assert_eq!(parse_compact_date("20250229"), None);
+        assert_eq!(parse_compact_date("2025022"), None);
+        assert_eq!(parse_compact_date("2025-2-1"), None);
     }
 }

@@ -1,13 +1,19 @@
-//! The loop that drives a sink on its own OS thread: batches in, timers, retries, metrics.
+//! The loop that drives a sink on its own OS thread: batches in, timers, retries, catching up,
+//! poison frames, metrics. No sink re-implements any of it.
 //!
-//! A failed `write`, `tick` or `close` is retried with capped exponential backoff (10 ms doubling
-//! to 5 s) while the batch is held, so the bounded channel in front of the sink fills up and
-//! pushes back. An error that retrying cannot fix ([`SinkError::is_retryable`], e.g. a poisoned
-//! sink) ends the thread with that error; dropping the receiver tells the sender.
+//! A call that fails with [`SinkError::Retry`] is retried with capped exponential backoff (10 ms
+//! doubling to 5 s) while the batch is held, so the bounded channel in front of the sink fills
+//! up. [`SinkError::Fatal`] ends the thread with that error; dropping the receiver tells the
+//! sender. [`SinkError::Poison`] names frames the sink refuses: the driver keeps them in the
+//! dead-letter store through the log ([`LogAccess::keep`]), durably, and writes the batch again
+//! without them — one bad row never fails its batch.
+//!
+//! The driver is the one replay guard: a sink is never handed a batch at or below the position it
+//! already took, whether the batch comes live or from the log.
 //!
 //! A sink that cannot keep up does not hold the others back. Its feeder ([`SinkFeed`]) never
 //! blocks: when the sink's queue is full it stops sending and notes how far it skipped; once the
-//! sink has worked off its queue it reads the skipped range back from the WAL ([`Backlog`]) and
+//! sink has worked off its queue it reads the skipped range back from the WAL ([`LogAccess`]) and
 //! then takes live batches again. A sink outage is thus absorbed by the WAL, whose segments stay
 //! until every sink is past them; only a full WAL pushes back on the sources.
 
@@ -16,25 +22,32 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use fleetpipe_processors::Lsn;
+use fleetpipe_processors::codec::encode_json;
+use fleetpipe_processors::{Batch, Lsn, Origin, Reason, Rejection};
 
-use crate::{Sink, SinkBatch, SinkError};
+use crate::entry::NotDurable;
+use crate::sink::{Poison, Sink, SinkError};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Where a sink that fell behind reads what it skipped: the WAL, decoded into batches.
-pub trait Backlog: Send + Sync {
+/// What the driver needs of the write-ahead log (the pipeline's log; a fake in tests).
+pub trait LogAccess: Send + Sync {
     /// Calls `f` with batches covering every record with `after < lsn <= through`, in order,
     /// each of bounded size (so catching up holds bounded memory), each with `lsn` set to the
-    /// last record it covers. Stops at the first error `f` returns.
+    /// last record it covers, de-duplicated as the shards would have. Stops at the first error
+    /// `f` returns.
     fn replay(
         &self,
         after: Lsn,
         through: Lsn,
-        f: &mut dyn FnMut(SinkBatch) -> Result<(), SinkError>,
+        f: &mut dyn FnMut(Batch) -> Result<(), SinkError>,
     ) -> Result<(), SinkError>;
+    /// Makes `rejections` durable in the log, from where the dead-letter sink stores them like
+    /// any other rejection; returns once they are.
+    fn keep(&self, rejections: Vec<Rejection>) -> Result<(), NotDurable>;
 }
 
 #[derive(Debug, Default)]
@@ -60,14 +73,14 @@ impl Lag {
 #[derive(Debug, Clone)]
 pub struct SinkFeed {
     pub name: &'static str,
-    tx: Sender<Arc<SinkBatch>>,
+    tx: Sender<Arc<Batch>>,
     lag: Arc<Lag>,
 }
 
 impl SinkFeed {
     /// Hands `batch` to the sink, or, when its queue is full or it is already behind, notes that
     /// it skipped it (the sink reads it back from the WAL). `false` once the sink has stopped.
-    pub fn offer(&self, batch: &Arc<SinkBatch>) -> bool {
+    pub fn offer(&self, batch: &Arc<Batch>) -> bool {
         let mut lag = self.lag.lock();
         if lag.behind {
             lag.skipped_through = batch.lsn;
@@ -99,8 +112,7 @@ pub struct DriverConfig {
     /// How often the sink's `tick` runs when no batch arrives.
     pub tick: Duration,
     /// When set, acknowledgements wait for this sink: whatever it holds that is not durable yet
-    /// is flushed (`close`) once its queue is empty and this long has passed since the last
-    /// flush.
+    /// is flushed once its queue is empty and this long has passed since the last flush.
     pub flush_every: Option<Duration>,
 }
 
@@ -112,13 +124,15 @@ pub struct SinkHandle {
     pub is_durable: bool,
     /// The sink's `durable_lsn()`, updated after every call (Release); read with Acquire.
     pub durable: Arc<AtomicU64>,
+    /// The last log position handed to the sink, durable there or not.
+    pub taken: Arc<AtomicU64>,
     /// Cleared when the thread ends, normally or not.
     pub alive: Arc<std::sync::atomic::AtomicBool>,
     join: Result<JoinHandle<Result<(), SinkError>>, SinkError>,
 }
 
 impl SinkHandle {
-    /// Waits for the thread: `Ok` after the channel disconnected and `close` succeeded.
+    /// Waits for the thread: `Ok` after the channel disconnected and the last flush succeeded.
     pub fn join(self) -> Result<(), SinkError> {
         match self.join {
             Ok(handle) => handle.join().unwrap_or_else(|panic| {
@@ -127,7 +141,7 @@ impl SinkHandle {
                     .map(|s| (*s).to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "panicked".to_string());
-                Err(SinkError::Thread { sink: self.name, detail: format!("panicked: {detail}") })
+                Err(SinkError::fatal(format!("sink {} panicked: {detail}", self.name)))
             }),
             Err(e) => Err(e),
         }
@@ -140,35 +154,44 @@ impl SinkHandle {
 }
 
 /// Runs `sink` on an OS thread named `sink-{name}`, behind a queue fed by the returned
-/// [`SinkFeed`]; what the feeder skips is read back from `backlog`.
-pub fn spawn(sink: Box<dyn Sink>, cfg: DriverConfig, backlog: Arc<dyn Backlog>) -> (SinkHandle, SinkFeed) {
+/// [`SinkFeed`]; what the feeder skips is read back from `log`, poison frames are kept there.
+pub fn spawn(sink: Box<dyn Sink>, cfg: DriverConfig, log: Arc<dyn LogAccess>) -> (SinkHandle, SinkFeed) {
     let name = sink.name();
     let is_durable = sink.is_durable();
     let (tx, rx) = crossbeam_channel::bounded(cfg.queue.max(1));
     let lag = Arc::new(Lag::default());
     let feed = SinkFeed { name, tx, lag: Arc::clone(&lag) };
     let durable = Arc::new(AtomicU64::new(sink.durable_lsn()));
+    let taken = Arc::new(AtomicU64::new(sink.durable_lsn()));
     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let (shared, still) = (Arc::clone(&durable), Arc::clone(&alive));
+    let (shared, shared_taken, still) = (Arc::clone(&durable), Arc::clone(&taken), Arc::clone(&alive));
     let join = std::thread::Builder::new()
         .name(format!("sink-{name}"))
         .spawn(move || {
             let written = sink.durable_lsn();
             let write_seconds = metrics::histogram!("fleetpipe_sink_write_seconds", "sink" => name);
-            let mut driver =
-                Driver { name, sink, written, durable: &shared, last_flush: Instant::now(), write_seconds };
-            let result = driver.run(rx, &lag, backlog.as_ref(), &cfg);
+            let mut driver = Driver {
+                name,
+                sink,
+                written,
+                durable: &shared,
+                taken: &shared_taken,
+                last_flush: Instant::now(),
+                write_seconds,
+                log: log.as_ref(),
+            };
+            let result = driver.run(rx, &lag, &cfg);
             still.store(false, Ordering::Release);
             result
         })
         .map_err(|e| {
             tracing::error!(sink = name, error = %e, "could not start sink thread");
-            SinkError::Thread { sink: name, detail: format!("could not start: {e}") }
+            SinkError::fatal(format!("sink {name}: could not start its thread: {e}"))
         });
     if join.is_err() {
         alive.store(false, Ordering::Release);
     }
-    (SinkHandle { name, is_durable, durable, alive, join }, feed)
+    (SinkHandle { name, is_durable, durable, taken, alive, join }, feed)
 }
 
 struct Driver<'a> {
@@ -177,18 +200,15 @@ struct Driver<'a> {
     /// The last WAL position handed to the sink (durable or not).
     written: Lsn,
     durable: &'a AtomicU64,
+    /// `written`, for the log writer's drain.
+    taken: &'a AtomicU64,
     last_flush: Instant,
     write_seconds: metrics::Histogram,
+    log: &'a dyn LogAccess,
 }
 
 impl Driver<'_> {
-    fn run(
-        &mut self,
-        rx: Receiver<Arc<SinkBatch>>,
-        lag: &Lag,
-        backlog: &dyn Backlog,
-        cfg: &DriverConfig,
-    ) -> Result<(), SinkError> {
+    fn run(&mut self, rx: Receiver<Arc<Batch>>, lag: &Lag, cfg: &DriverConfig) -> Result<(), SinkError> {
         let name = self.name;
         let tick = cfg.flush_every.map_or(cfg.tick, |f| f.min(cfg.tick));
         let depth = metrics::gauge!("fleetpipe_queue_depth", "stage" => name);
@@ -201,7 +221,7 @@ impl Driver<'_> {
             }
             // Behind and the queue worked off: what was skipped comes next, from the log.
             if rx.is_empty() && lag.lock().behind {
-                self.catch_up(lag, backlog)?;
+                self.catch_up(lag)?;
                 continue;
             }
             match rx.recv_timeout(tick) {
@@ -210,7 +230,7 @@ impl Driver<'_> {
                     retry(name, "tick", || self.sink.tick(Instant::now()))?;
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    retry(name, "close", || self.sink.close())?;
+                    retry(name, "flush", || self.sink.flush())?;
                     self.durable.store(self.sink.durable_lsn(), Ordering::Release);
                     tracing::debug!(sink = name, durable = self.sink.durable_lsn(), "sink closed");
                     return Ok(());
@@ -221,7 +241,7 @@ impl Driver<'_> {
                     && self.written > self.sink.durable_lsn()
                     && self.last_flush.elapsed() >= every
                 {
-                    retry(name, "flush", || self.sink.close())?;
+                    retry(name, "flush", || self.sink.flush())?;
                     self.last_flush = Instant::now();
                 }
             }
@@ -229,24 +249,80 @@ impl Driver<'_> {
         }
     }
 
-    fn write(&mut self, batch: &SinkBatch) -> Result<(), SinkError> {
+    fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let name = self.name;
         if batch.lsn <= self.written {
-            return Ok(()); // already read from the log while catching up
+            return Ok(()); // already taken (read from the log while catching up, or a replay)
         }
+        let mut kept: Option<Batch> = None;
         retry(name, "write", || {
+            let current = kept.as_ref().unwrap_or(batch);
             let started = Instant::now();
-            let result = self.sink.write(batch);
+            let result = self.sink.write(current);
             self.write_seconds.record(started.elapsed().as_secs_f64());
-            result
+            match result {
+                Err(SinkError::Poison(poison)) => {
+                    let rest = self.divert(current, &poison)?;
+                    kept = Some(rest);
+                    // Written again without the poison frames, at once.
+                    Err(SinkError::Poison(Vec::new()))
+                }
+                other => other,
+            }
         })?;
         self.written = batch.lsn;
+        self.taken.store(batch.lsn, Ordering::Release);
         self.durable.store(self.sink.durable_lsn(), Ordering::Release);
         retry(name, "tick", || self.sink.tick(Instant::now()))
     }
 
+    /// Keeps the frames a sink refused in the dead-letter store (durably, through the log) and
+    /// returns the batch without them.
+    fn divert(&self, batch: &Batch, poison: &[Poison]) -> Result<Batch, SinkError> {
+        let mut refused = vec![false; batch.frames.len()];
+        let mut rejections = Vec::with_capacity(poison.len());
+        for p in poison {
+            let Some(frame) = batch.frames.get(p.index) else { continue };
+            if std::mem::replace(&mut refused[p.index], true) {
+                continue;
+            }
+            tracing::warn!(
+                sink = self.name,
+                vehicle_id = %frame.vehicle_id,
+                ts = frame.ts,
+                error = %p.detail,
+                "a sink refused a frame; it goes to the dead-letter store"
+            );
+            let mut raw = Vec::new();
+            encode_json(frame, &mut raw);
+            rejections.push(Rejection {
+                reason: Reason::OutOfRange,
+                detail: format!("{}: {}", self.name, p.detail),
+                index: None,
+                raw: Bytes::from(raw),
+                origin: Origin::Sink { sink: self.name.to_owned() },
+                received_at: frame.received_at,
+            });
+        }
+        let n = rejections.len() as u64;
+        if n > 0 {
+            self.log.keep(rejections).map_err(|e| match e {
+                NotDurable::ShuttingDown => SinkError::fatal(format!(
+                    "{}: refused frames cannot be kept, the log has stopped: {e}",
+                    self.name
+                )),
+                NotDurable::Log(_) => SinkError::retry(e),
+            })?;
+            metrics::counter!("fleetpipe_frames_rejected_total", "reason" => refused_reason(self.name))
+                .increment(n);
+        }
+        let frames =
+            batch.frames.iter().zip(&refused).filter(|(_, r)| !**r).map(|(f, _)| f.clone()).collect();
+        Ok(Batch { lsn: batch.lsn, frames, rejections: batch.rejections.clone() })
+    }
+
     /// Reads from the log what the feeder skipped, until nothing is left to skip.
-    fn catch_up(&mut self, lag: &Lag, backlog: &dyn Backlog) -> Result<(), SinkError> {
+    fn catch_up(&mut self, lag: &Lag) -> Result<(), SinkError> {
         let from = self.written;
         loop {
             let through = {
@@ -265,15 +341,26 @@ impl Driver<'_> {
                 }
                 state.skipped_through
             };
-            backlog.replay(self.written, through, &mut |batch| self.write(&batch))?;
+            let log = self.log;
+            log.replay(self.written, through, &mut |batch| self.write(&batch))?;
             // The log holds every record up to `through`; a batch may end short of it only when
             // its last records were empty groups.
             self.written = self.written.max(through);
+            self.taken.store(self.written, Ordering::Release);
         }
     }
 }
 
-/// Runs `op` until it succeeds or fails with an error that retrying cannot fix.
+/// The `reason` label under which frames refused by `sink` are counted.
+fn refused_reason(sink: &str) -> &'static str {
+    match sink {
+        "postgres" => "postgres_refused",
+        _ => "sink_refused",
+    }
+}
+
+/// Runs `op` until it succeeds or fails with an error that retrying cannot fix. An empty
+/// [`SinkError::Poison`] (the poison frames were diverted) is retried at once.
 fn retry(
     sink: &'static str,
     op_name: &'static str,
@@ -284,6 +371,7 @@ fn retry(
     loop {
         let err = match op() {
             Ok(()) => return Ok(()),
+            Err(SinkError::Poison(p)) if p.is_empty() => continue,
             Err(e) => e,
         };
         metrics::counter!("fleetpipe_sink_errors_total", "sink" => sink).increment(1);

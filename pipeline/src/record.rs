@@ -1,13 +1,26 @@
 //! How an [`Entry`] is stored in the write-ahead log: a small Protobuf envelope whose frames
 //! are the public `FrameBatch` encoding (proto/fleetpipe.proto) and whose rejections keep their
 //! reason, raw bytes and origin, so a replay feeds sinks exactly what the live path did.
+//!
+//! Reading a record back is the trusted path ([`fleetpipe_processors::codec::stored`]): the
+//! frames were validated when they were received and are converted, not checked again.
 
 use bytes::Bytes;
-use fleetpipe_ingest::Entry;
-use fleetpipe_processors::codec::{decode_message, encode_protobuf, Message};
-use fleetpipe_processors::validate::Rules;
+use fleetpipe_processors::codec::encode_protobuf;
+use fleetpipe_processors::codec::stored::{self, CorruptFrame};
 use fleetpipe_processors::{Origin, Reason, Rejection};
 use prost::Message as _;
+
+use crate::entry::Entry;
+
+/// A log record that is not what fleetpipe writes.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RecordError {
+    #[error("log record envelope does not decode: {0}")]
+    Envelope(#[from] prost::DecodeError),
+    #[error(transparent)]
+    Frame(#[from] CorruptFrame),
+}
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct WalEntry {
@@ -42,14 +55,14 @@ struct WalRejection {
     received_at: i64,
 }
 
-pub fn encode(entry: &Entry) -> Vec<u8> {
+pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
     let rejections = entry
         .rejections
         .iter()
         .map(|r| {
             let (topic, partition, offset) = match &r.origin {
                 Origin::Mqtt { topic } => (Some(topic.clone()), 0, 0),
-                Origin::Http => (None, 0, 0),
+                Origin::Http | Origin::Sink { .. } => (None, 0, 0),
                 Origin::Kafka { topic, partition, offset } => (Some(topic.clone()), *partition, *offset),
             };
             WalRejection {
@@ -69,22 +82,12 @@ pub fn encode(entry: &Entry) -> Vec<u8> {
     WalEntry { received_at: entry.received_at, frames, rejections }.encode_to_vec()
 }
 
-/// Decodes a stored entry. The frames were validated when first received, so they are decoded
-/// with rules that accept any time; a record that does not decode is skipped by the caller.
-pub fn decode(payload: &[u8]) -> Result<Entry, prost::DecodeError> {
+/// Decodes a stored entry; a record that does not decode is skipped by the caller.
+pub(crate) fn decode(payload: &[u8]) -> Result<Entry, RecordError> {
     let stored = WalEntry::decode(payload)?;
     let mut entry = Entry { received_at: stored.received_at, ..Entry::default() };
     if !stored.frames.is_empty() {
-        let rules = Rules { max_future_us: i64::MAX / 4, min_ts: None, max_payload_bytes: usize::MAX };
-        let bytes = Bytes::from(stored.frames);
-        let origin = Origin::Http;
-        let msg = Message {
-            payload: &bytes,
-            content_type: Some("application/x-protobuf"),
-            origin: &origin,
-            received_at: stored.received_at,
-        };
-        entry.frames = decode_message(&msg, &rules).frames;
+        entry.frames = stored::frames_from_protobuf(&stored.frames, stored.received_at)?;
     }
     entry.rejections = stored
         .rejections
@@ -93,7 +96,8 @@ pub fn decode(payload: &[u8]) -> Result<Entry, prost::DecodeError> {
             let origin = match (r.source.as_str(), r.topic) {
                 ("mqtt", Some(topic)) => Origin::Mqtt { topic },
                 ("kafka", Some(topic)) => Origin::Kafka { topic, partition: r.partition, offset: r.offset },
-                _ => Origin::Http,
+                ("http", _) => Origin::Http,
+                (sink, _) => Origin::Sink { sink: sink.to_owned() },
             };
             Rejection {
                 reason: Reason::from_code(&r.reason).unwrap_or(Reason::InvalidField),
@@ -106,4 +110,46 @@ pub fn decode(payload: &[u8]) -> Result<Entry, prost::DecodeError> {
         })
         .collect();
     Ok(entry)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use fleetpipe_processors::{Body, Frame, Location};
+
+    #[test]
+    fn an_entry_reads_back_as_written_origins_included() {
+        let frame = Frame {
+            vehicle_id: "V1".into(),
+            ts: fleetpipe_processors::time::MAX_TS,
+            seq: 3,
+            received_at: 5,
+            body: Body::Location(Location {
+                lat: 1.5,
+                lon: 2.5,
+                speed_kmh: Some(3.0),
+                ..Location::default()
+            }),
+        };
+        let rejection = |origin: Origin| Rejection {
+            reason: Reason::OutOfRange,
+            detail: "lat 91 outside -90..90".into(),
+            index: Some(2),
+            raw: Bytes::from_static(b"{\"lat\":91}"),
+            origin,
+            received_at: 5,
+        };
+        let entry = Entry {
+            received_at: 5,
+            frames: vec![frame],
+            rejections: vec![
+                rejection(Origin::Mqtt { topic: "vehicles/V1/location".into() }),
+                rejection(Origin::Http),
+                rejection(Origin::Kafka { topic: "vehicle-frames".into(), partition: 3, offset: 99 }),
+                rejection(Origin::Sink { sink: "postgres".into() }),
+            ],
+        };
+        assert_eq!(decode(&encode(&entry)).unwrap(), entry);
+    }
 }

@@ -1,0 +1,1 @@
+COPY {schema}.{table} ({columns}) FROM STDIN (FORMAT binary)

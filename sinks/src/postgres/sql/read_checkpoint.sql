@@ -1,0 +1,1 @@
+SELECT lsn FROM {schema}.fleetpipe_checkpoints WHERE sink = $1
