@@ -58,7 +58,7 @@ pub struct Running {
 /// Starts every component; returns once sinks are open, the API listens and sources connect.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let handle = metrics_handle();
-    let rules = Arc::new(cfg.validate.rules().map_err(anyhow::Error::msg)?);
+    let rules = Arc::new(cfg.validate.clone());
     let data_dir = cfg.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data_dir {}", data_dir.display()))?;

@@ -20,7 +20,7 @@ use fleetpipe_pipeline::wal::WalConfig;
 pub use fleetpipe_pipeline::AckMode;
 use fleetpipe_pipeline::PipelineConfig;
 use fleetpipe_processors::latest::CacheConfig;
-use fleetpipe_processors::validate::ValidateConfig;
+use fleetpipe_processors::validate::Rules;
 use fleetpipe_sinks::dead_letter::DeadLetterConfig;
 use fleetpipe_sinks::kafka::KafkaSinkConfig;
 use fleetpipe_sinks::parquet::ParquetConfig;
@@ -35,7 +35,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub http: HttpConfig,
     pub mqtt: MqttConfig,
-    pub validate: ValidateConfig,
+    pub validate: Rules,
     pub pipeline: PipelineConfig,
     pub wal: WalConfig,
     pub cache: CacheConfig,
@@ -52,7 +52,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             http: HttpConfig::default(),
             mqtt: MqttConfig::default(),
-            validate: ValidateConfig::default(),
+            validate: Rules::default(),
             pipeline: PipelineConfig::default(),
             wal: WalConfig::default(),
             cache: CacheConfig::default(),
@@ -224,7 +224,6 @@ impl Config {
         if self.parquet.roll_secs <= 0.0 || self.dead_letter.roll_secs <= 0.0 {
             bail!("parquet.roll_secs and dead_letter.roll_secs must be positive");
         }
-        self.validate.rules().map_err(anyhow::Error::msg)?;
         Ok(())
     }
 

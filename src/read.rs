@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use fleetpipe_ingest::http::{count_cache, l1_near, BoxFuture, Found, Nearby, ReadError, ReadPath};
+use fleetpipe_ingest::http::{count_cache, l1_near, BoxFuture, Found, Near, Nearby, ReadError, ReadPath};
 use fleetpipe_pipeline::now_micros;
 use fleetpipe_processors::latest::{LatestCache, VehicleState};
 use fleetpipe_processors::{Frame, Micros};
@@ -80,18 +80,12 @@ impl ReadPath for Tiers {
         })
     }
 
-    fn near(
-        &self,
-        lat: f64,
-        lon: f64,
-        radius_m: f64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<Nearby>, ReadError>> {
+    fn near(&self, q: Near) -> BoxFuture<'_, Result<Vec<Nearby>, ReadError>> {
         Box::pin(async move {
             let Some(l2) = self.l2.clone() else {
-                return l1_near(self.l1.clone(), lat, lon, radius_m, limit).await;
+                return l1_near(self.l1.clone(), q).await;
             };
-            let ids = tokio::task::spawn_blocking(move || l2.near(lat, lon, radius_m, limit))
+            let ids = tokio::task::spawn_blocking(move || l2.near(q.lat, q.lon, q.radius_m, q.limit))
                 .await
                 .map_err(|e| ReadError::new("l2", e))?
                 .map_err(|e| ReadError::new("l2", e))?;

@@ -77,14 +77,8 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 pub trait ReadPath: Send + Sync {
     /// Latest state and the tier that served it (`l1`, `l2`, `postgres`), `None` if unknown.
     fn vehicle<'a>(&'a self, id: &'a str) -> BoxFuture<'a, std::result::Result<Option<Found>, ReadError>>;
-    /// Vehicles whose latest location is within `radius_m`, nearest first, with the distance.
-    fn near(
-        &self,
-        lat: f64,
-        lon: f64,
-        radius_m: f64,
-        limit: usize,
-    ) -> BoxFuture<'_, std::result::Result<Vec<Nearby>, ReadError>>;
+    /// Vehicles whose latest location is within the radius, nearest first, with the distance.
+    fn near(&self, q: Near) -> BoxFuture<'_, std::result::Result<Vec<Nearby>, ReadError>>;
     /// Location history in time order; `None` when no history store is configured.
     fn track<'a>(
         &'a self,
@@ -95,46 +89,18 @@ pub trait ReadPath: Send + Sync {
     ) -> BoxFuture<'a, std::result::Result<Option<Vec<Frame>>, ReadError>>;
 }
 
-/// The read path of an instance with only its L1 cache.
-pub struct L1Only(pub LatestCache);
-
-impl ReadPath for L1Only {
-    fn vehicle<'a>(&'a self, id: &'a str) -> BoxFuture<'a, std::result::Result<Option<Found>, ReadError>> {
-        Box::pin(async move {
-            let hit = self.0.get(id);
-            count_cache("l1", hit.is_some());
-            Ok(hit.map(|s| (s, "l1")))
-        })
-    }
-    fn near(
-        &self,
-        lat: f64,
-        lon: f64,
-        radius_m: f64,
-        limit: usize,
-    ) -> BoxFuture<'_, std::result::Result<Vec<Nearby>, ReadError>> {
-        Box::pin(l1_near(self.0.clone(), lat, lon, radius_m, limit))
-    }
-    fn track<'a>(
-        &'a self,
-        _id: &'a str,
-        _from: Micros,
-        _to: Micros,
-        _limit: usize,
-    ) -> BoxFuture<'a, std::result::Result<Option<Vec<Frame>>, ReadError>> {
-        Box::pin(async { Ok(None) })
-    }
+/// A near query: at most `limit` vehicles within `radius_m` of (`lat`, `lon`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Near {
+    pub lat: f64,
+    pub lon: f64,
+    pub radius_m: f64,
+    pub limit: usize,
 }
 
 /// A near query over L1 (a scan: off the async workers).
-pub async fn l1_near(
-    latest: LatestCache,
-    lat: f64,
-    lon: f64,
-    radius_m: f64,
-    limit: usize,
-) -> std::result::Result<Vec<Nearby>, ReadError> {
-    tokio::task::spawn_blocking(move || latest.near(lat, lon, radius_m, limit))
+pub async fn l1_near(latest: LatestCache, q: Near) -> std::result::Result<Vec<Nearby>, ReadError> {
+    tokio::task::spawn_blocking(move || latest.near(q.lat, q.lon, q.radius_m, q.limit))
         .await
         .map_err(|e| ReadError::new("l1", e))
 }
@@ -361,7 +327,7 @@ async fn near_vehicles(State(st): State<ApiState>, Query(q): Query<NearQuery>) -
         return error(StatusCode::BAD_REQUEST, "bad_query", "radius_m must be a non-negative number");
     }
     let limit = q.limit.unwrap_or(100).min(10_000);
-    let hits = match st.reads.near(lat, lon, radius, limit).await {
+    let hits = match st.reads.near(Near { lat, lon, radius_m: radius, limit }).await {
         Ok(h) => h,
         Err(e) => return overloaded(&format!("read path unavailable: {e}")),
     };

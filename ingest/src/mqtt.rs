@@ -295,42 +295,36 @@ enum EventLoop {
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
+/// One event-loop step as a [`Step`]. Both protocol versions have the same packets under other
+/// paths: the caller brings them into scope, `$wrap` makes the [`Publish`].
+macro_rules! step {
+    ($el:expr, $wrap:path) => {
+        match $el.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) => Step::Message($wrap(p)),
+            Ok(Event::Incoming(Packet::ConnAck(c))) => Step::Connected { session_present: c.session_present },
+            Ok(Event::Incoming(Packet::SubAck(s))) => Step::Subscribed {
+                ok: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))),
+            },
+            Ok(Event::Incoming(Packet::UnsubAck(_))) => Step::Unsubscribed,
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => Step::Disconnected,
+            Ok(_) => Step::Other,
+            Err(e) => Step::Failed(e.to_string()),
+        }
+    };
+}
+
 impl EventLoop {
     async fn step(&mut self) -> Step {
         match self {
             EventLoop::V4(el) => {
                 use rumqttc::{Event, Outgoing, Packet, SubscribeReasonCode};
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => Step::Message(Publish::V4(p)),
-                    Ok(Event::Incoming(Packet::ConnAck(c))) => {
-                        Step::Connected { session_present: c.session_present }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(s))) => Step::Subscribed {
-                        ok: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))),
-                    },
-                    Ok(Event::Incoming(Packet::UnsubAck(_))) => Step::Unsubscribed,
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) => Step::Disconnected,
-                    Ok(_) => Step::Other,
-                    Err(e) => Step::Failed(e.to_string()),
-                }
+                step!(el, Publish::V4)
             }
             EventLoop::V5(el) => {
                 use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
                 use rumqttc::v5::Event;
                 use rumqttc::Outgoing;
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => Step::Message(Publish::V5(p)),
-                    Ok(Event::Incoming(Packet::ConnAck(c))) => {
-                        Step::Connected { session_present: c.session_present }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(s))) => Step::Subscribed {
-                        ok: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))),
-                    },
-                    Ok(Event::Incoming(Packet::UnsubAck(_))) => Step::Unsubscribed,
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) => Step::Disconnected,
-                    Ok(_) => Step::Other,
-                    Err(e) => Step::Failed(e.to_string()),
-                }
+                step!(el, Publish::V5)
             }
         }
     }

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use fleetpipe_processors::codec::encode_protobuf;
-use fleetpipe_processors::codec::stored::{self, CorruptFrame};
+use fleetpipe_processors::codec::stored;
 use fleetpipe_processors::{Origin, Reason, Rejection};
 use prost::Message as _;
 
@@ -19,7 +19,7 @@ pub(crate) enum RecordError {
     #[error("log record envelope does not decode: {0}")]
     Envelope(#[from] prost::DecodeError),
     #[error(transparent)]
-    Frame(#[from] CorruptFrame),
+    Frame(#[from] fleetpipe_processors::Error),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -214,88 +214,67 @@ impl Origin {
     }
 }
 
-/// Why a frame (or a whole payload) was refused. The `code` is the metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reason {
+/// Declares [`Reason`] with each variant's code (its metric label and dead-letter `reason`)
+/// once, for `code`, `from_code` and the list of all.
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $variant:ident => $code:literal,)*) => {
+        /// Why a frame (or a whole payload) was refused. The `code` is the metric label.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Reason {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Reason {
+            /// Every reason.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)*];
+
+            pub fn code(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $code,)*
+                }
+            }
+        }
+    };
+}
+
+reasons! {
     /// Not JSON at all, or truncated JSON.
-    MalformedJson,
+    MalformedJson => "malformed_json",
     /// JSON, but a field has the wrong type or the frame is not an object.
-    InvalidField,
+    InvalidField => "invalid_field",
     /// Undecodable Protobuf (truncated, wrong wire types).
-    MalformedProtobuf,
+    MalformedProtobuf => "malformed_protobuf",
     /// A required field is missing (`vehicle_id`, `ts`, `kind`, `lat`, `lon`).
-    MissingField,
-    InvalidVehicleId,
+    MissingField => "missing_field",
+    InvalidVehicleId => "invalid_vehicle_id",
     /// A unknown `kind` value, or one that disagrees with the MQTT topic.
-    InvalidKind,
+    InvalidKind => "invalid_kind",
     /// A value outside the contract's range (lat, lon, heading, percentages, ...).
-    OutOfRange,
+    OutOfRange => "out_of_range",
     /// `lat == 0 && lon == 0`: the device had no fix.
-    NoFix,
-    InvalidDtc,
-    InvalidSignals,
-    InvalidTs,
+    NoFix => "no_fix",
+    InvalidDtc => "invalid_dtc",
+    InvalidSignals => "invalid_signals",
+    InvalidTs => "invalid_ts",
     /// `ts` further ahead of the receiving clock than allowed.
-    FutureTs,
+    FutureTs => "future_ts",
     /// `ts` older than the optional lower bound.
-    PastTs,
+    PastTs => "past_ts",
     /// The topic's vehicle id differs from the payload's.
-    SpoofedVehicle,
+    SpoofedVehicle => "spoofed_vehicle",
     /// Payload larger than the configured maximum.
-    Oversized,
+    Oversized => "oversized",
     /// The MQTT topic does not follow `vehicles/{id}/{location|diagnostic|frames}`.
-    InvalidTopic,
+    InvalidTopic => "invalid_topic",
     /// A content type fleetpipe does not read.
-    UnsupportedContentType,
+    UnsupportedContentType => "unsupported_content_type",
 }
 
 impl Reason {
-    pub fn code(self) -> &'static str {
-        match self {
-            Reason::MalformedJson => "malformed_json",
-            Reason::InvalidField => "invalid_field",
-            Reason::MalformedProtobuf => "malformed_protobuf",
-            Reason::MissingField => "missing_field",
-            Reason::InvalidVehicleId => "invalid_vehicle_id",
-            Reason::InvalidKind => "invalid_kind",
-            Reason::OutOfRange => "out_of_range",
-            Reason::NoFix => "no_fix",
-            Reason::InvalidDtc => "invalid_dtc",
-            Reason::InvalidSignals => "invalid_signals",
-            Reason::InvalidTs => "invalid_ts",
-            Reason::FutureTs => "future_ts",
-            Reason::PastTs => "past_ts",
-            Reason::SpoofedVehicle => "spoofed_vehicle",
-            Reason::Oversized => "oversized",
-            Reason::InvalidTopic => "invalid_topic",
-            Reason::UnsupportedContentType => "unsupported_content_type",
-        }
-    }
-
     pub fn from_code(code: &str) -> Option<Reason> {
-        ALL_REASONS.iter().copied().find(|r| r.code() == code)
+        Reason::ALL.iter().copied().find(|r| r.code() == code)
     }
 }
-
-const ALL_REASONS: [Reason; 17] = [
-    Reason::MalformedJson,
-    Reason::InvalidField,
-    Reason::MalformedProtobuf,
-    Reason::MissingField,
-    Reason::InvalidVehicleId,
-    Reason::InvalidKind,
-    Reason::OutOfRange,
-    Reason::NoFix,
-    Reason::InvalidDtc,
-    Reason::InvalidSignals,
-    Reason::InvalidTs,
-    Reason::FutureTs,
-    Reason::PastTs,
-    Reason::SpoofedVehicle,
-    Reason::Oversized,
-    Reason::InvalidTopic,
-    Reason::UnsupportedContentType,
-];
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

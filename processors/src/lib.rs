@@ -27,3 +27,18 @@ pub use frame::{
     Rejection,
 };
 pub use stage::{Batch, Counters, Stage};
+
+/// The few ways this crate's calls fail (frames never fail: they become rejections).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A content type fleetpipe does not read.
+    #[error(
+        "unsupported content type {0:?}; use application/json, application/x-ndjson or application/x-protobuf"
+    )]
+    UnsupportedContentType(String),
+    /// Stored bytes that are not what fleetpipe writes (the trusted path, [`codec::stored`]).
+    #[error("stored frame does not decode ({reason}): {detail}")]
+    CorruptFrame { reason: Reason, detail: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -8,14 +8,18 @@
 use crate::frame::{snippet, Body, Diagnostic, Dtc, Frame, Location, Micros, Range, Reason};
 use crate::time::{format_ts, parse_rfc3339, MAX_TS, MIN_TS};
 
-/// Limits that are configurable (the rest of the contract is fixed).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Limits that are configurable (the rest of the contract is fixed): the `[validate]` section,
+/// read as the config file gives it (`max_future_secs`, `min_ts` as RFC 3339).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Rules {
-    /// How far `ts` may be ahead of the receiving clock (default 24 h).
+    /// How far `ts` may be ahead of the receiving clock (default 24 h); further is `future_ts`.
+    #[serde(rename = "max_future_secs", deserialize_with = "secs_as_micros")]
     pub max_future_us: Micros,
     /// Optional lower bound on `ts` (default none: backfills of any age are accepted).
+    #[serde(deserialize_with = "optional_rfc3339")]
     pub min_ts: Option<Micros>,
-    /// Largest accepted message payload (default 16 MiB).
+    /// Largest accepted message payload (default 16 MiB); larger is `oversized`.
     pub max_payload_bytes: usize,
 }
 
@@ -25,38 +29,17 @@ impl Default for Rules {
     }
 }
 
-/// `[validate]`: the configurable limits, as the config file gives them.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ValidateConfig {
-    /// Frames further ahead of the receiving clock are rejected (`future_ts`).
-    pub max_future_secs: u64,
-    /// Optional lower bound on `ts` (RFC 3339); none by default: backfills are normal.
-    pub min_ts: Option<String>,
-    /// A single MQTT message or Kafka record larger than this is rejected (`oversized`).
-    pub max_payload_bytes: usize,
+fn secs_as_micros<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Micros, D::Error> {
+    let secs = <u64 as serde::Deserialize>::deserialize(d)?;
+    Ok((secs as i64).saturating_mul(1_000_000))
 }
 
-impl Default for ValidateConfig {
-    fn default() -> Self {
-        ValidateConfig { max_future_secs: 24 * 3600, min_ts: None, max_payload_bytes: 16 << 20 }
-    }
-}
-
-impl ValidateConfig {
-    /// The rules these settings make; `Err` names a `min_ts` that is not RFC 3339.
-    pub fn rules(&self) -> Result<Rules, String> {
-        let min_ts = match &self.min_ts {
-            Some(s) => {
-                Some(parse_rfc3339(s).ok_or_else(|| format!("validate.min_ts {s:?} is not RFC 3339"))?)
-            }
-            None => None,
-        };
-        Ok(Rules {
-            max_future_us: (self.max_future_secs as i64).saturating_mul(1_000_000),
-            min_ts,
-            max_payload_bytes: self.max_payload_bytes,
-        })
+fn optional_rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Micros>, D::Error> {
+    match <Option<String> as serde::Deserialize>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) => parse_rfc3339(&s)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not an RFC 3339 timestamp"))),
     }
 }
 

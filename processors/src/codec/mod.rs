@@ -26,6 +26,7 @@ use bytes::Bytes;
 use crate::frame::snippet;
 use crate::frame::{Decoded, Frame, Kind, Micros, Origin, Reason, Rejection};
 use crate::validate::{Fail, Rules};
+use crate::{Error, Result};
 
 pub use json::{encode_json, frame_to_value};
 pub use proto::{decode_batch, encode_protobuf, frame_to_pb};
@@ -42,15 +43,8 @@ pub enum Encoding {
     Protobuf,
 }
 
-/// A content type fleetpipe does not read.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unsupported content type {0:?}; use application/json, application/x-ndjson or application/x-protobuf"
-)]
-pub struct UnsupportedContentType(pub String);
-
 /// The encoding named by a content type: `Some(None)` means "look at the bytes".
-fn from_content_type(content_type: &str) -> Result<Option<Encoding>, UnsupportedContentType> {
+fn from_content_type(content_type: &str) -> Result<Option<Encoding>> {
     let media = content_type.split(';').next().unwrap_or_default().trim();
     let is = |s: &str| media.eq_ignore_ascii_case(s);
     if media.is_empty()
@@ -79,7 +73,7 @@ fn from_content_type(content_type: &str) -> Result<Option<Encoding>, Unsupported
     {
         Ok(Some(Encoding::Protobuf))
     } else {
-        Err(UnsupportedContentType(content_type.to_owned()))
+        Err(Error::UnsupportedContentType(content_type.to_owned()))
     }
 }
 
@@ -109,7 +103,7 @@ fn sniff_bytes(payload: &[u8]) -> Sniffed {
 ///
 /// NDJSON sent as `application/json` or sniffed reports [`Encoding::Json`]; [`decode_message`]
 /// recognises it by the objects that follow the first.
-pub fn sniff(content_type: Option<&str>, payload: &[u8]) -> Result<Encoding, UnsupportedContentType> {
+pub fn sniff(content_type: Option<&str>, payload: &[u8]) -> Result<Encoding> {
     if let Some(enc) = content_type.map(from_content_type).transpose()?.flatten() {
         return Ok(enc);
     }

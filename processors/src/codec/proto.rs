@@ -138,20 +138,29 @@ pub mod pb {
     }
 }
 
+/// `$to { lat, lon, …the optional fields of `$from` }`: `pb::Location` and [`Location`] share
+/// their optional fields by name, listed here once for both directions.
+macro_rules! location_with {
+    ($from:ident => $($to:ident)::+ { $($field:ident: $value:expr),* $(,)? }) => {
+        $($to)::+ {
+            $($field: $value,)*
+            speed_kmh: $from.speed_kmh,
+            heading_deg: $from.heading_deg,
+            alt_m: $from.alt_m,
+            accuracy_m: $from.accuracy_m,
+            satellites: $from.satellites,
+            odometer_m: $from.odometer_m,
+            ignition: $from.ignition,
+        }
+    };
+}
+
 /// The Protobuf form of one frame (`received_at` is not carried).
 pub fn frame_to_pb(frame: &Frame) -> pb::Frame {
     let body = match &frame.body {
-        Body::Location(l) => pb::frame::Body::Location(pb::Location {
-            lat: Some(l.lat),
-            lon: Some(l.lon),
-            speed_kmh: l.speed_kmh,
-            heading_deg: l.heading_deg,
-            alt_m: l.alt_m,
-            accuracy_m: l.accuracy_m,
-            satellites: l.satellites,
-            odometer_m: l.odometer_m,
-            ignition: l.ignition,
-        }),
+        Body::Location(l) => pb::frame::Body::Location(
+            location_with!(l => pb::Location { lat: Some(l.lat), lon: Some(l.lon) }),
+        ),
         Body::Diagnostic(d) => pb::frame::Body::Diagnostic(pb::Diagnostic {
             mil_on: d.mil_on,
             dtcs: d
@@ -294,17 +303,10 @@ fn convert(
 }
 
 fn location(l: &pb::Location) -> Result<Location, Fail> {
-    Ok(Location {
+    Ok(location_with!(l => Location {
         lat: l.lat.ok_or_else(|| missing("lat"))?,
         lon: l.lon.ok_or_else(|| missing("lon"))?,
-        speed_kmh: l.speed_kmh,
-        heading_deg: l.heading_deg,
-        alt_m: l.alt_m,
-        accuracy_m: l.accuracy_m,
-        satellites: l.satellites,
-        odometer_m: l.odometer_m,
-        ignition: l.ignition,
-    })
+    }))
 }
 
 fn diagnostic(d: &pb::Diagnostic, signals: fn(&str) -> Result<String, Fail>) -> Result<Diagnostic, Fail> {

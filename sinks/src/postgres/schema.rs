@@ -13,6 +13,10 @@ use fleetpipe_processors::time::{compact_date, date_string, days_from_civil, par
 /// `(version, sql)`, in order. `{schema}` in the text is replaced by the quoted schema name.
 pub(crate) const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_tables.sql"))];
 
+const MIGRATIONS_TABLE_SQL: &str = include_str!("sql/migrations_table.sql");
+const CREATE_PARTITION_SQL: &str = include_str!("sql/create_partition.sql");
+const DAY_TABLES_SQL: &str = include_str!("sql/day_tables.sql");
+
 /// Advisory lock class of fleetpipe's schema changes (`"flpp"` in ASCII); the object id is
 /// `hashtext(schema)`, so instances writing different schemas do not wait for each other.
 const LOCK_CLASS: i32 = 0x666c_7070;
@@ -55,13 +59,7 @@ pub(crate) async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32
     if !exists {
         tx.batch_execute(&format!("CREATE SCHEMA {q}")).await?;
     }
-    tx.batch_execute(&format!(
-        "CREATE TABLE IF NOT EXISTS {q}.fleetpipe_migrations (
-             version    integer     PRIMARY KEY,
-             applied_at timestamptz NOT NULL DEFAULT now()
-         )"
-    ))
-    .await?;
+    tx.batch_execute(&MIGRATIONS_TABLE_SQL.replace("{schema}", &q)).await?;
     let done: HashSet<i32> = tx
         .query(&format!("SELECT version FROM {q}.fleetpipe_migrations"), &[])
         .await?
@@ -117,10 +115,14 @@ pub(crate) async fn create_partitions(
         for &day in chunk {
             let (from, to, suffix) = (day_start(day), day_start(day + 1), day_suffix(day));
             for table in TABLES {
-                sql.push_str(&format!(
-                    "CREATE TABLE IF NOT EXISTS {q}.{table}_{suffix} PARTITION OF {q}.{table} \
-                     FOR VALUES FROM ('{from}') TO ('{to}');\n"
-                ));
+                sql.push_str(
+                    &CREATE_PARTITION_SQL
+                        .replace("{schema}", &q)
+                        .replace("{table}", table)
+                        .replace("{suffix}", &suffix)
+                        .replace("{from}", &from)
+                        .replace("{to}", &to),
+                );
             }
         }
         let tx = client.transaction().await?;
@@ -153,18 +155,7 @@ pub(crate) async fn day_tables(
     client: &Client,
     schema: &str,
 ) -> Result<Vec<DayTable>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT c.relname::text, p.relname::text, coalesce(i.inhdetachpending, false)
-               FROM pg_class c
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-               LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
-               LEFT JOIN pg_class p ON p.oid = i.inhparent
-              WHERE n.nspname = $1 AND c.relkind = 'r'
-                AND c.relname ~ '^(locations|diagnostics)_[0-9]{8}$'",
-            &[&schema],
-        )
-        .await?;
+    let rows = client.query(DAY_TABLES_SQL, &[&schema]).await?;
     let mut out = Vec::new();
     for row in rows {
         let name: String = row.get(0);
