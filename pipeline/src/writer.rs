@@ -73,9 +73,13 @@ impl Writer {
         self.durables.iter().map(|d| d.load(Ordering::Acquire)).min().unwrap_or(Lsn::MAX)
     }
 
-    /// Feeds the retained log to the shards in groups.
+    /// Feeds the retained log to the shards in groups. A group never straddles a sink's
+    /// checkpoint: a sink takes a group whole or not at all, so a group that ended past its
+    /// checkpoint must not hold records at or below it.
     pub(crate) fn replay(&mut self) -> Result<()> {
         let from = self.wal.first_lsn();
+        let checkpoints: std::collections::BTreeSet<Lsn> =
+            self.durables.iter().map(|d| d.load(Ordering::Acquire)).collect();
         let mut pending: Vec<Entry> = Vec::new();
         let mut last = 0;
         let mut records = 0u64;
@@ -87,7 +91,7 @@ impl Writer {
             }
             last = lsn;
             records += 1;
-            if pending.len() >= 256 {
+            if pending.len() >= 256 || checkpoints.contains(&lsn) {
                 groups.push((last, std::mem::take(&mut pending)));
             }
         })?;
