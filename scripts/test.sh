@@ -50,18 +50,20 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # Kafka: the tests start their own tansu broker (Kafka-compatible, in-memory) on free ports, and
-# check fleetpipe's topics with an independent client, Python confluent-kafka. Both are installed
-# once under ~/.cache/fleetpipe (tansu builds from crates.io in several minutes).
+# check fleetpipe's topics with an independent client, Python confluent-kafka; the gateway tests
+# use Python Paho as an independent MQTT client. All are installed once under ~/.cache/fleetpipe
+# (tansu builds from crates.io in several minutes).
 CACHE="$HOME/.cache/fleetpipe"
 if [ -z "${FLEETPIPE_TANSU:-}" ] && [ ! -x "$CACHE/tansu/bin/tansu" ]; then
   echo "installing tansu into $CACHE/tansu (once)"
   env -u CARGO_TARGET_DIR cargo install --locked --quiet tansu --features dynostore --root "$CACHE/tansu"
 fi
-if [ -z "${FLEETPIPE_PYTHON:-}" ] && ! "$CACHE/py/bin/python" -c 'import confluent_kafka' >/dev/null 2>&1; then
+if [ -z "${FLEETPIPE_PYTHON:-}" ] && ! "$CACHE/py/bin/python" -c 'import confluent_kafka, paho.mqtt' >/dev/null 2>&1; then
   command -v python3 >/dev/null 2>&1 || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-venv; }
-  python3 -m venv "$CACHE/py"
-  "$CACHE/py/bin/pip" install --quiet --disable-pip-version-check confluent-kafka
+  [ -x "$CACHE/py/bin/pip" ] || python3 -m venv "$CACHE/py"
+  "$CACHE/py/bin/pip" install --quiet --disable-pip-version-check confluent-kafka 'paho-mqtt>=2,<3'
 fi
+command -v openssl >/dev/null 2>&1 || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssl; }
 
 # Build outside the clone so repeated runs reuse it.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fleetpipe/target}"

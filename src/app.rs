@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
-use fleetpipe_ingest::broker::{self, BrokerConfig};
+use fleetpipe_ingest::auth::{AuthMode, Credentials};
+use fleetpipe_ingest::gateway::GatewaySource;
 use fleetpipe_ingest::http::HttpSource;
 use fleetpipe_ingest::kafka::KafkaSource;
 use fleetpipe_ingest::mqtt::MqttSource;
@@ -47,8 +48,10 @@ pub fn metrics_handle() -> PrometheusHandle {
 pub struct Running {
     /// Where the HTTP API listens.
     pub http_addr: SocketAddr,
-    /// Where MQTT clients publish: the embedded broker, or the external one.
+    /// Where MQTT clients publish: the gateway, or the external broker.
     pub mqtt_addr: Option<SocketAddr>,
+    /// The gateway's TLS listener, when configured.
+    pub mqtts_addr: Option<SocketAddr>,
     pub latest: LatestCache,
     readiness: Arc<Readiness>,
     sources: Sources,
@@ -64,18 +67,32 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
     let latest = cfg.cache.open();
 
-    // MQTT first: the embedded broker (a taken port fails before anything else has started),
-    // or the external one.
-    let mqtt = MqttSource::new(&cfg.mqtt, cfg.mqtt_client_id())?;
-    let mqtt_addr = match &cfg.mqtt.url {
-        Some(_) => {
-            let (host, port) = mqtt.broker();
-            tokio::net::lookup_host((host, port)).await.ok().and_then(|mut a| a.next())
+    // Identity, then the doors that bind a port first (a taken port fails before anything else
+    // has started): the gateway, or the external broker's subscriber.
+    let mode = cfg.auth.effective_mode(&cfg.listeners());
+    let credentials = Credentials::load(&cfg.credentials_file())?;
+    credentials.watch();
+    if mode == AuthMode::Token && credentials.is_empty() {
+        tracing::warn!(
+            file = %cfg.credentials_file().display(),
+            "auth mode token with no credentials: every vehicle is refused; add one with `fleetpipe credentials add VEHICLE_ID`"
+        );
+    }
+    let gateway = match (cfg.gateway_listen(), cfg.gateway.tls_listen) {
+        (None, None) => None,
+        (listen, _) => Some(GatewaySource::bind(&cfg.gateway, listen, mode, credentials.clone(), &data_dir)?),
+    };
+    let mqtt = match &cfg.mqtt.url {
+        Some(url) => Some(MqttSource::new(&cfg.mqtt, url, cfg.mqtt_client_id())?),
+        None => None,
+    };
+    let (mqtt_addr, mqtts_addr) = match (&gateway, &mqtt) {
+        (Some(g), _) => (g.local_addr(), g.tls_addr()),
+        (None, Some(m)) => {
+            let (host, port) = m.broker();
+            (tokio::net::lookup_host((host, port)).await.ok().and_then(|mut a| a.next()), None)
         }
-        None => {
-            broker::start(&BrokerConfig::from_mqtt(&cfg.mqtt))?;
-            Some(cfg.mqtt.listen)
-        }
+        (None, None) => (None, None),
     };
 
     // Sinks.
@@ -125,17 +142,31 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     // Sources.
     let mut sources = Sources::new(pipeline.intake.clone(), rules);
-    sources.spawn(mqtt);
+    if let Some(g) = gateway {
+        sources.spawn(g);
+    }
+    if let Some(m) = mqtt {
+        sources.spawn(m);
+    }
     if let Some(k) = cfg.kafka.source() {
         sources.spawn(KafkaSource { cfg: k });
     }
     let reads = Arc::new(crate::read::Tiers { l1: latest.clone(), l2, store });
-    let http = HttpSource::bind(&cfg.http, reads, Arc::new(move || handle.render())).await?;
+    let http_auth = (mode == AuthMode::Token).then(|| credentials.clone());
+    let http = HttpSource::bind(&cfg.http, reads, http_auth, Arc::new(move || handle.render())).await?;
     let http_addr = http.local_addr()?;
     sources.spawn(http);
 
     tracing::info!(http = %http_addr, mqtt = ?mqtt_addr, data_dir = %cfg.data_dir.display(), "fleetpipe started");
-    Ok(Running { http_addr, mqtt_addr, latest, readiness: sources.readiness(), sources, pipeline })
+    Ok(Running {
+        http_addr,
+        mqtt_addr,
+        mqtts_addr,
+        latest,
+        readiness: sources.readiness(),
+        sources,
+        pipeline,
+    })
 }
 
 impl Running {
@@ -150,8 +181,8 @@ impl Running {
         Ok(())
     }
 
-    /// Whether every source holds its subscriptions (MQTT, and Kafka's group membership when
-    /// configured) and listens, and the instance is not draining.
+    /// Whether every source listens (the gateway, HTTP) or holds its subscriptions (an external
+    /// broker, Kafka's group membership), and the instance is not draining.
     pub fn is_subscribed(&self) -> bool {
         self.readiness.is_ready()
     }

@@ -1,6 +1,7 @@
 //! Configuration: a TOML file (every key optional, unknown keys refused) and the contract's
 //! environment variables, which win over the file. With neither, fleetpipe runs on embedded
-//! defaults: embedded MQTT broker, HTTP on 127.0.0.1:8080, Parquet under `./data`, L1 cache.
+//! defaults: the vehicle gateway on 127.0.0.1:1883, HTTP on 127.0.0.1:8080, Parquet under
+//! `./data`, the L1 cache.
 //!
 //! Each section is the config type of the component it configures, defined (with its defaults)
 //! next to that component; this file only puts them together, applies the environment and
@@ -12,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use fleetpipe_ingest::auth::{AuthConfig, AuthMode};
+use fleetpipe_ingest::gateway::GatewayConfig;
 use fleetpipe_ingest::http::HttpConfig;
 use fleetpipe_ingest::kafka::KafkaConfig;
 pub use fleetpipe_ingest::mqtt::parse_mqtt_url;
@@ -34,6 +37,8 @@ pub struct Config {
     /// Root of Parquet files, the dead-letter store and the write-ahead log.
     pub data_dir: PathBuf,
     pub http: HttpConfig,
+    pub gateway: GatewayConfig,
+    pub auth: AuthConfig,
     pub mqtt: MqttConfig,
     pub validate: Rules,
     pub pipeline: PipelineConfig,
@@ -51,6 +56,8 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("./data"),
             http: HttpConfig::default(),
+            gateway: GatewayConfig::default(),
+            auth: AuthConfig::default(),
             mqtt: MqttConfig::default(),
             validate: Rules::default(),
             pipeline: PipelineConfig::default(),
@@ -174,8 +181,18 @@ impl Config {
         if let Some(v) = get("FLEETPIPE_MQTT_URL").filter(|v| !v.is_empty()) {
             self.mqtt.url = Some(v);
         }
-        if let Some(v) = get("FLEETPIPE_MQTT_LISTEN") {
-            self.mqtt.listen = addr("FLEETPIPE_MQTT_LISTEN", v)?;
+        // FLEETPIPE_MQTT_LISTEN is the gateway's older name; FLEETPIPE_GATEWAY_LISTEN wins.
+        for key in ["FLEETPIPE_MQTT_LISTEN", "FLEETPIPE_GATEWAY_LISTEN"] {
+            if let Some(v) = get(key).filter(|v| !v.is_empty()) {
+                self.gateway.listen = Some(addr(key, v)?);
+            }
+        }
+        if let Some(v) = get("FLEETPIPE_AUTH").filter(|v| !v.is_empty()) {
+            self.auth.mode = Some(match v.as_str() {
+                "token" => AuthMode::Token,
+                "none" => AuthMode::None,
+                _ => bail!("FLEETPIPE_AUTH={v:?} must be token or none"),
+            });
         }
         if let Some(v) = get("FLEETPIPE_HTTP_ADDR") {
             self.http.addr = addr("FLEETPIPE_HTTP_ADDR", v)?;
@@ -231,6 +248,22 @@ impl Config {
     pub fn mqtt_client_id(&self) -> String {
         self.mqtt.client_id.clone().unwrap_or_else(instance_id)
     }
+
+    /// Where the gateway listens for plain MQTT: as configured, else `127.0.0.1:1883` when no
+    /// external broker is configured; `None` when it is off.
+    pub fn gateway_listen(&self) -> Option<SocketAddr> {
+        self.gateway.listen.or_else(|| self.mqtt.url.is_none().then(|| ([127, 0, 0, 1], 1883).into()))
+    }
+
+    /// Every address fleetpipe listens on (the auth default depends on them).
+    pub fn listeners(&self) -> Vec<SocketAddr> {
+        [self.gateway_listen(), self.gateway.tls_listen, Some(self.http.addr)].into_iter().flatten().collect()
+    }
+
+    /// The credentials file (`[auth] credentials_file`, else `{data_dir}/credentials`).
+    pub fn credentials_file(&self) -> PathBuf {
+        self.auth.file(&self.data_dir)
+    }
 }
 
 /// `fleetpipe-<pod or host name>`.
@@ -272,6 +305,10 @@ mod tests {
         assert_eq!(cfg.data_dir, PathBuf::from("/from/env"));
         assert_eq!(cfg.http.addr, "127.0.0.1:1".parse().unwrap());
         assert_eq!(parse_mqtt_url(cfg.mqtt.url.as_deref().unwrap()).unwrap(), ("broker".into(), 1884));
+        // With an external broker the gateway is off unless its address is given.
+        assert_eq!(cfg.gateway_listen(), None);
+        cfg.apply_env(|k| (k == "FLEETPIPE_MQTT_LISTEN").then(|| "127.0.0.1:1999".into())).unwrap();
+        assert_eq!(cfg.gateway_listen(), Some("127.0.0.1:1999".parse().unwrap()));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The `fleetpipe` command: `run`, `simulate`, `replay`.
+//! The `fleetpipe` command: `run`, `credentials`, `simulate`, `replay`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,6 +20,16 @@ enum Command {
         /// TOML configuration file (also FLEETPIPE_CONFIG).
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Manage the credentials vehicles and backends connect with (a running instance picks
+    /// changes up within seconds). The file is found as `run` finds it: --config,
+    /// FLEETPIPE_CONFIG, FLEETPIPE_DATA_DIR.
+    Credentials {
+        /// TOML configuration file (also FLEETPIPE_CONFIG).
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: CredentialsAction,
     },
     /// Drive a simulated fleet against a running fleetpipe.
     Simulate {
@@ -51,6 +61,69 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum CredentialsAction {
+    /// Make a credential and print its token (shown this once): for VEHICLE_ID, or with --name
+    /// and --scope for a gateway or backend.
+    Add {
+        /// The vehicle the credential is for (its MQTT username).
+        vehicle_id: Option<String>,
+        /// Bind a tracker's IMEI to the vehicle (Teltonika).
+        #[arg(long, requires = "vehicle_id")]
+        imei: Option<String>,
+        /// A scoped credential's name (its MQTT username).
+        #[arg(long, conflicts_with = "vehicle_id", requires = "scope")]
+        name: Option<String>,
+        /// Vehicle ids and PREFIX* patterns, comma-separated ('*' is every vehicle).
+        #[arg(long, requires = "name")]
+        scope: Option<String>,
+    },
+    /// Remove a credential (by vehicle id or name): it stops working.
+    Revoke { id_or_name: String },
+    /// List the credentials (never their tokens).
+    List,
+}
+
+fn credentials(config: Option<&std::path::Path>, action: CredentialsAction) -> anyhow::Result<()> {
+    use fleetpipe_ingest::auth;
+    let path = Config::load(config)?.credentials_file();
+    match action {
+        CredentialsAction::Add { vehicle_id: Some(vehicle_id), imei, .. } => {
+            let token = auth::add(&path, auth::NewCredential::Vehicle { vehicle_id, imei }, &now_rfc3339())?;
+            println!("{token}");
+        }
+        CredentialsAction::Add { name: Some(name), scope: Some(scope), .. } => {
+            let patterns = scope.split(',').map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect();
+            let token = auth::add(&path, auth::NewCredential::Scoped { name, patterns }, &now_rfc3339())?;
+            println!("{token}");
+        }
+        CredentialsAction::Add { .. } => {
+            anyhow::bail!("give a VEHICLE_ID, or --name NAME --scope 'PATTERN,...'")
+        }
+        CredentialsAction::Revoke { id_or_name } => {
+            if !auth::revoke(&path, &id_or_name)? {
+                anyhow::bail!("no credential {id_or_name:?} in {}", path.display());
+            }
+            eprintln!("revoked {id_or_name}");
+        }
+        CredentialsAction::List => {
+            for c in auth::list(&path)? {
+                let scope = match &c.scope {
+                    auth::Scope::Vehicle { vehicle_id } => vehicle_id.clone(),
+                    auth::Scope::Patterns { patterns } => patterns.join(","),
+                };
+                let imei = c.imei.as_deref().map(|i| format!(" imei={i}")).unwrap_or_default();
+                println!("{}\tscope={scope}{imei}\tcreated={}", c.name, c.created);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn now_rfc3339() -> String {
+    fleetpipe_processors::time::format_millis(fleetpipe_pipeline::now_micros())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -60,6 +133,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Credentials { config, action } = cli.command {
+        return credentials(config.as_deref(), action);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.command {
@@ -73,6 +149,7 @@ fn main() -> anyhow::Result<()> {
             Command::Replay { file, target, speed, qos } => {
                 fleetpipe::sim::replay(&file, &target, speed, qos).await
             }
+            Command::Credentials { .. } => Ok(()),
         }
     })
 }

@@ -58,7 +58,7 @@ async fn simulate_publishes_both_kinds_over_mqtt_and_every_frame_is_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mosquitto_pub_works_against_the_embedded_broker_as_is() {
+async fn mosquitto_pub_works_against_the_gateway_as_is() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(test_config(dir.path(), None)).await;
     let port = running.mqtt_addr.unwrap().port().to_string();

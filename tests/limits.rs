@@ -1,5 +1,5 @@
 //! Limits: an MQTT packet over the announced maximum, an HTTP body over the limit, and the
-//! embedded broker's port already taken.
+//! gateway's port already taken.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -57,11 +57,11 @@ async fn an_http_body_over_the_limit_gets_413_and_nothing_is_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_embedded_broker_port_in_use_is_a_clear_error_that_says_how_to_use_that_broker() {
+async fn a_gateway_port_in_use_is_a_clear_error_that_says_how_to_use_that_broker() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = test_config(dir.path(), None);
-    cfg.mqtt.listen = taken.local_addr().unwrap();
+    cfg.gateway.listen = Some(taken.local_addr().unwrap());
     let err = match fleetpipe::app::start(cfg).await {
         Ok(_) => panic!("started on a port in use"),
         Err(e) => format!("{e:#}"),

@@ -53,7 +53,7 @@ async fn the_real_drive_through_mosquitto_at_qos1_lands_in_parquet_once_with_eve
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_real_drive_through_the_embedded_broker_lands_in_parquet_once_with_every_value_equal() {
+async fn the_real_drive_through_the_gateway_lands_in_parquet_once_with_every_value_equal() {
     let dir = tempfile::tempdir().unwrap();
     let running = start(test_config(dir.path(), None)).await;
     let port = running.mqtt_addr.unwrap().port();

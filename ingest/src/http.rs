@@ -21,12 +21,13 @@ use fleetpipe_pipeline::{
 use fleetpipe_processors::codec::{decode_message, frame_to_value, Message};
 use fleetpipe_processors::latest::{LatestCache, VehicleState};
 use fleetpipe_processors::validate::Rules;
-use fleetpipe_processors::{Decoded, Frame, Micros, Origin};
+use fleetpipe_processors::{Decoded, Frame, Micros, Origin, Reason, Rejection};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::auth::{Credentials, Identity};
 use crate::{Error, Result};
 
 /// `[http]`: the API.
@@ -121,6 +122,8 @@ pub struct ApiState {
     pub max_body_bytes: usize,
     /// Bearer token required on `POST /v1/frames` when set.
     pub auth_token: Option<Arc<str>>,
+    /// With `[auth] mode = "token"`: credentials, one of which a request's bearer token must be.
+    pub credentials: Option<Credentials>,
     /// Renders the Prometheus exposition.
     pub render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     /// Readiness: sources subscribed, sinks initialised, not draining.
@@ -132,19 +135,22 @@ pub struct HttpSource {
     listener: TcpListener,
     cfg: HttpConfig,
     reads: Arc<dyn ReadPath>,
+    credentials: Option<Credentials>,
     render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
 }
 
 impl HttpSource {
-    /// Binds `cfg.addr` (port 0 picks a free one).
+    /// Binds `cfg.addr` (port 0 picks a free one). With `credentials`, ingest requires a
+    /// credential's token and takes only frames of vehicles in its scope.
     pub async fn bind(
         cfg: &HttpConfig,
         reads: Arc<dyn ReadPath>,
+        credentials: Option<Credentials>,
         render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     ) -> Result<HttpSource> {
         let listener =
             TcpListener::bind(cfg.addr).await.map_err(|source| Error::Listen { addr: cfg.addr, source })?;
-        Ok(HttpSource { listener, cfg: cfg.clone(), reads, render_metrics })
+        Ok(HttpSource { listener, cfg: cfg.clone(), reads, credentials, render_metrics })
     }
 
     /// The address the API listens on.
@@ -171,6 +177,7 @@ impl Source for HttpSource {
             reads: self.reads,
             max_body_bytes: self.cfg.max_body_bytes,
             auth_token: self.cfg.auth_token.as_deref().map(Arc::from),
+            credentials: self.credentials,
             render_metrics: self.render_metrics,
             readiness: ctx.readiness,
         };
@@ -207,13 +214,63 @@ fn overloaded(detail: &str) -> Response {
     r
 }
 
-async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+/// Who a request is: `Ok(None)` when no auth applies, `Err(reason)` a refusal (401).
+fn authenticate(st: &ApiState, headers: &HeaderMap) -> std::result::Result<Option<Identity>, &'static str> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     if let Some(token) = &st.auth_token {
-        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        if given.and_then(|v| v.strip_prefix("Bearer ")) != Some(token.as_ref()) {
-            return error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token");
+        if given == Some(token.as_ref()) {
+            return Ok(None);
+        }
+        if st.credentials.is_none() {
+            return Err(if given.is_some() { "bad_token" } else { "missing" });
         }
     }
+    let Some(credentials) = &st.credentials else { return Ok(None) };
+    let given = given.ok_or("missing")?;
+    credentials.check_token(given.as_bytes()).map(Some).ok_or("bad_token")
+}
+
+/// Frames of vehicles outside `identity`'s scope become `unauthorized_vehicle` rejections (their
+/// contract JSON kept as the raw bytes); the rest of the request proceeds.
+fn confine(decoded: &mut Decoded, identity: &Identity) {
+    let (mut kept, mut refused) = (Vec::with_capacity(decoded.frames.len()), 0);
+    for f in decoded.frames.drain(..) {
+        if identity.allows(&f.vehicle_id) {
+            kept.push(f);
+        } else {
+            refused += 1;
+            decoded.rejections.push(Rejection {
+                reason: Reason::UnauthorizedVehicle,
+                detail: format!("{} may not send frames of {}", identity.key(), f.vehicle_id),
+                index: None,
+                raw: {
+                    let mut json = Vec::new();
+                    fleetpipe_processors::codec::encode_json(&f, &mut json);
+                    json.into()
+                },
+                origin: Origin::Http,
+                received_at: f.received_at,
+            });
+        }
+    }
+    decoded.frames = kept;
+    if refused > 0 {
+        tracing::debug!(refused, "frames outside the token's scope");
+    }
+}
+
+async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+    let identity = match authenticate(&st, &headers) {
+        Ok(identity) => identity,
+        Err(reason) => {
+            metrics::counter!("fleetpipe_auth_failures_total", "door" => "http", "reason" => reason)
+                .increment(1);
+            return error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or unknown bearer token");
+        }
+    };
     if body.len() > st.max_body_bytes {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -231,7 +288,7 @@ async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: Bytes
             Message { payload: &body, content_type: content_type.as_deref(), origin: &origin, received_at };
         decode_message(&msg, &rules)
     };
-    let decoded: Decoded = if body_len > INLINE_DECODE_BYTES {
+    let mut decoded: Decoded = if body_len > INLINE_DECODE_BYTES {
         match tokio::task::spawn_blocking(decode).await {
             Ok(d) => d,
             Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
@@ -241,6 +298,9 @@ async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: Bytes
     };
     metrics::counter!("fleetpipe_frames_received_total", "source" => "http")
         .increment(u64::from(decoded.received));
+    if let Some(identity) = &identity {
+        confine(&mut decoded, identity);
+    }
 
     // A payload that could not be read at all is a 400 — and still kept in the dead-letter store.
     let unreadable = decoded.frames.is_empty()

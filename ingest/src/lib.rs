@@ -1,6 +1,7 @@
-//! fleetpipe's sources, each a [`fleetpipe_pipeline::Source`]: MQTT (through rumqttc, against
-//! an external broker or the embedded rumqttd one), Kafka (rdkafka, a consumer group member) and
-//! HTTP (axum, which also serves reads, metrics and probes).
+//! fleetpipe's sources, each a [`fleetpipe_pipeline::Source`]: the vehicle gateway (fleetpipe's
+//! own MQTT server, ntex-mqtt), MQTT through an external broker (rumqttc), Kafka (rdkafka, a
+//! consumer group member) and HTTP (axum, which also serves reads, metrics and probes); and
+//! [`auth`], who may speak for which vehicle.
 //!
 //! A source turns messages into entries (decoded, validated frames plus rejections) and submits
 //! them to the intake; it acknowledges a message (MQTT PUBACK, HTTP 200, Kafka offset) only once
@@ -9,7 +10,8 @@
 //!
 //! Each module exports its `serde` config type and its source. This crate knows nothing of sinks.
 
-pub mod broker;
+pub mod auth;
+pub mod gateway;
 pub mod http;
 pub mod kafka;
 pub mod mqtt;
@@ -22,17 +24,24 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
     #[error(
-        "cannot listen on {addr} for the embedded MQTT broker: {source}. Another broker is probably \
-         running there: point fleetpipe at it with FLEETPIPE_MQTT_URL=mqtt://{addr} (or [mqtt] url in \
-         the config file), or move the embedded broker with FLEETPIPE_MQTT_LISTEN=127.0.0.1:PORT"
+        "cannot listen on {addr} for the vehicle gateway (fleetpipe's MQTT server): {source}. \
+         Another broker is probably running there: point fleetpipe at it with \
+         FLEETPIPE_MQTT_URL=mqtt://{addr} (or [mqtt] url in the config file), or move the gateway \
+         with FLEETPIPE_GATEWAY_LISTEN=127.0.0.1:PORT"
     )]
-    BrokerAddrInUse {
+    GatewayAddrInUse {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("embedded MQTT broker: {0}")]
-    Broker(String),
+    #[error("vehicle gateway: {0}")]
+    Gateway(String),
+    #[error("gateway TLS: {0}")]
+    Tls(String),
+    #[error("credentials file {path}: {detail}")]
+    Credentials { path: std::path::PathBuf, detail: String },
+    #[error("gateway session file {path}: {detail}")]
+    Sessions { path: std::path::PathBuf, detail: String },
     #[error("kafka: {what}: {source}")]
     Kafka {
         what: &'static str,
@@ -48,3 +57,8 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A vehicle id as the contract allows it (for ids given on the command line or in config).
+pub(crate) fn check_vehicle_id(id: &str) -> Result<()> {
+    fleetpipe_processors::validate::vehicle_id(id).map_err(|(_, detail)| Error::Config(detail))
+}

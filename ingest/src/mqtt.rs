@@ -18,7 +18,6 @@
 //! disconnects: messages received but not yet submitted are left unacknowledged, and the broker
 //! redelivers them to this client id's session.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,17 +40,13 @@ pub enum Protocol {
     V311,
 }
 
-/// `[mqtt]`: the broker fleetpipe subscribes to — an external one (`url`), or the embedded one.
+/// `[mqtt]`: an external broker fleetpipe subscribes to (EMQX, Mosquitto, HiveMQ, ...).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// External broker (`mqtt://host:port`). Unset: the embedded broker.
+    /// The broker (`mqtt://host:port`). Unset: no broker; vehicles connect to the gateway.
     pub url: Option<String>,
-    /// The embedded broker's MQTT 3.1.1 address.
-    pub listen: SocketAddr,
-    /// The embedded broker's optional MQTT 5 address.
-    pub listen_v5: Option<SocketAddr>,
-    /// Protocol toward an external broker (the embedded one is always spoken to in 3.1.1).
+    /// Protocol toward the broker.
     pub protocol: Protocol,
     /// Stable per instance (e.g. the pod name), so each instance resumes its own session.
     pub client_id: Option<String>,
@@ -72,17 +67,12 @@ pub struct MqttConfig {
     pub max_packet_bytes: usize,
     /// Most messages folded into one log entry.
     pub batch_messages: usize,
-    /// Memory the embedded broker keeps per topic (also how far behind on one topic fleetpipe
-    /// may fall before that broker drops the oldest messages).
-    pub embedded_topic_buffer_kib: usize,
 }
 
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             url: None,
-            listen: ([127, 0, 0, 1], 1883).into(),
-            listen_v5: None,
             protocol: Protocol::V5,
             client_id: None,
             username: None,
@@ -95,7 +85,6 @@ impl Default for MqttConfig {
             session_expiry_secs: 7 * 24 * 3600,
             max_packet_bytes: (16 << 20) + 65_536,
             batch_messages: 1024,
-            embedded_topic_buffer_kib: 1024,
         }
     }
 }
@@ -115,7 +104,7 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16)> {
     }
 }
 
-/// The MQTT source: a subscriber of the external broker, or of the embedded one.
+/// The MQTT source: a subscriber of an external broker.
 #[derive(Debug, Clone)]
 pub struct MqttSource {
     cfg: MqttConfig,
@@ -126,21 +115,10 @@ pub struct MqttSource {
 }
 
 impl MqttSource {
-    /// Subscribes to `cfg.url`, or to the embedded broker on `cfg.listen` (in MQTT 3.1.1),
-    /// as `client_id`.
-    pub fn new(cfg: &MqttConfig, client_id: String) -> Result<MqttSource> {
-        let (host, port, protocol) = match &cfg.url {
-            Some(url) => {
-                let (host, port) = parse_mqtt_url(url)?;
-                (host, port, cfg.protocol)
-            }
-            None => {
-                let l = cfg.listen;
-                let host = if l.ip().is_unspecified() { "127.0.0.1".to_string() } else { l.ip().to_string() };
-                (host, l.port(), Protocol::V311)
-            }
-        };
-        Ok(MqttSource { cfg: cfg.clone(), host, port, protocol, client_id })
+    /// Subscribes to the broker at `url` as `client_id`.
+    pub fn new(cfg: &MqttConfig, url: &str, client_id: String) -> Result<MqttSource> {
+        let (host, port) = parse_mqtt_url(url)?;
+        Ok(MqttSource { cfg: cfg.clone(), host, port, protocol: cfg.protocol, client_id })
     }
 
     /// Where the broker listens, `host:port`.

@@ -26,7 +26,7 @@ struct FakeSink {
     poison_at: Option<Lsn>,
     /// Frames with this seq are refused as poison.
     refuse_seq: Option<u64>,
-    /// `false`: only `close` makes batches durable.
+    /// `false`: only `flush` makes batches durable.
     durable_on_tick: bool,
     written: Lsn,
     durable: Lsn,

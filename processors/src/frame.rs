@@ -268,6 +268,10 @@ reasons! {
     InvalidTopic => "invalid_topic",
     /// A content type fleetpipe does not read.
     UnsupportedContentType => "unsupported_content_type",
+    /// A vehicle's credential does not cover the MQTT topic it published to.
+    UnauthorizedTopic => "unauthorized_topic",
+    /// An HTTP token's scope does not cover the frame's vehicle.
+    UnauthorizedVehicle => "unauthorized_vehicle",
 }
 
 impl Reason {

@@ -223,14 +223,7 @@ impl Drop for Tansu {
 /// Runs `tests/kafka_client.py` (Python confluent-kafka: a Kafka client independent of
 /// fleetpipe's) and returns its standard output.
 pub fn kafka_client(args: &[&str]) -> String {
-    let python = std::env::var_os("FLEETPIPE_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        let venv = home_cache("py/bin/python");
-        if venv.exists() {
-            venv
-        } else {
-            PathBuf::from("python3")
-        }
-    });
+    let python = python();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kafka_client.py");
     let out = Command::new(&python).arg(&script).args(args).output().expect("python for kafka_client.py");
     assert!(out.status.success(), "kafka_client.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -351,8 +344,8 @@ pub fn kafka_committed(brokers: &str, group: &str, topic: &str) -> BTreeMap<Stri
 pub fn test_config(dir: &Path, mqtt_url: Option<String>) -> Config {
     let mut cfg = Config { data_dir: dir.to_path_buf(), ..Config::default() };
     cfg.http.addr = ([127, 0, 0, 1], 0).into();
+    cfg.gateway.listen = mqtt_url.is_none().then(|| ([127, 0, 0, 1], free_port()).into());
     cfg.mqtt.url = mqtt_url;
-    cfg.mqtt.listen = ([127, 0, 0, 1], free_port()).into();
     cfg.mqtt.client_id = Some(format!("fleetpipe-test-{}", unique()));
     cfg.parquet.roll_secs = 0.3;
     cfg.dead_letter.roll_secs = 0.3;
@@ -365,6 +358,61 @@ pub fn unique() -> String {
     format!("{}-{}", std::process::id(), n % 1_000_000_000_000)
 }
 
+/// Runs `tests/mqtt_client.py` (Python Paho: an MQTT client independent of fleetpipe's) and
+/// returns the JSON line it prints.
+pub fn mqtt_client(args: &[&str]) -> Value {
+    let out = Command::new(python())
+        .arg(mqtt_client_script())
+        .args(args)
+        .output()
+        .expect("python for mqtt_client.py");
+    assert!(out.status.success(), "mqtt_client.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("mqtt_client.py {args:?} printed {text:?}: {e}"))
+}
+
+/// `tests/mqtt_client.py` started in the background (its stdout piped).
+pub fn mqtt_client_spawn(args: &[&str]) -> Child {
+    Command::new(python())
+        .arg(mqtt_client_script())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python for mqtt_client.py")
+}
+
+fn mqtt_client_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mqtt_client.py")
+}
+
+/// The Python of the tests' independent clients (`FLEETPIPE_PYTHON`, else the venv that
+/// scripts/test.sh makes, else `python3`).
+pub fn python() -> PathBuf {
+    std::env::var_os("FLEETPIPE_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        let venv = home_cache("py/bin/python");
+        if venv.exists() {
+            venv
+        } else {
+            PathBuf::from("python3")
+        }
+    })
+}
+
+/// Runs `fleetpipe credentials ARGS` for the data directory `data_dir`; its standard output.
+pub fn credentials(data_dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetpipe"))
+        .arg("credentials")
+        .args(args)
+        .env("FLEETPIPE_DATA_DIR", data_dir)
+        .env_remove("FLEETPIPE_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "credentials {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// A QoS 1 publisher (an MQTT 3.1.1 client, like most vehicle gateways).
 pub struct Publisher {
     pub client: rumqttc::AsyncClient,
@@ -374,8 +422,16 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn connect(port: u16) -> Publisher {
-        let mut o = rumqttc::MqttOptions::new(format!("test-pub-{}", unique()), "127.0.0.1", port);
+        Self::connect_as(port, None, &format!("test-pub-{}", unique())).await
+    }
+
+    /// With a credential (`(username, token)`) and a client id of its own.
+    pub async fn connect_as(port: u16, credential: Option<(&str, &str)>, client_id: &str) -> Publisher {
+        let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
         o.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 24, 1 << 24).set_inflight(500);
+        if let Some((user, token)) = credential {
+            o.set_credentials(user, token);
+        }
         let (client, mut el) = rumqttc::AsyncClient::new(o, 1000);
         let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = acked.clone();
@@ -530,20 +586,20 @@ pub fn assert_locations_equal(rows: &[BTreeMap<String, Value>], frames: &[Value]
 }
 
 /// Starts fleetpipe in-process.
-/// Should another test take the embedded broker's free port between `free_port` and the bind,
-/// another port is tried (the broker is the first thing started, so nothing is left behind).
+/// Should another test take the gateway's free port between `free_port` and the bind, another
+/// port is tried (the gateway binds first, so nothing is left behind).
 pub async fn start(mut cfg: Config) -> fleetpipe::app::Running {
     let mut attempts = 0;
     let running = loop {
         match fleetpipe::app::start(cfg.clone()).await {
             Ok(r) => break r,
             Err(e)
-                if cfg.mqtt.url.is_none()
+                if cfg.gateway.listen.is_some()
                     && attempts < 5
-                    && format!("{e:#}").contains("embedded MQTT broker") =>
+                    && format!("{e:#}").contains("for the vehicle gateway") =>
             {
                 attempts += 1;
-                cfg.mqtt.listen = ([127, 0, 0, 1], free_port()).into();
+                cfg.gateway.listen = Some(([127, 0, 0, 1], free_port()).into());
             }
             Err(e) => panic!("fleetpipe did not start: {e:#}"),
         }
