@@ -65,7 +65,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let data_dir = cfg.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data_dir {}", data_dir.display()))?;
-    let latest = cfg.cache.open();
+    let latest = cfg.cache.open().with_max_ahead(cfg.validate.max_ahead_us);
 
     // Identity, then the doors that bind a port first (a taken port fails before anything else
     // has started): the gateway, or the external broker's subscriber.
@@ -80,10 +80,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
     let gateway = match (cfg.gateway_listen(), cfg.gateway.tls_listen) {
         (None, None) => None,
-        (listen, _) => Some(GatewaySource::bind(&cfg.gateway, listen, mode, credentials.clone(), &data_dir)?),
+        (listen, _) => {
+            let gw = fit_connections(&cfg.gateway);
+            Some(GatewaySource::bind(&gw, listen, mode, credentials.clone(), &data_dir)?)
+        }
     };
     let mqtt = match &cfg.mqtt.url {
-        Some(url) => Some(MqttSource::new(&cfg.mqtt, url, cfg.mqtt_client_id())?),
+        Some(url) => Some(MqttSource::new(&cfg.mqtt, url, cfg.mqtt_client_id()?)?),
         None => None,
     };
     let (mqtt_addr, mqtts_addr) = match (&gateway, &mqtt) {
@@ -111,11 +114,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             .await?
             .context("opening the Postgres sink")?;
         sinks.push(Box::new(sink));
-        store = Some(postgres::PostgresReader::new(url, &cfg.postgres.schema)?);
+        store = Some(postgres::PostgresReader::new(url, &cfg.postgres.schema, cfg.validate.max_ahead_us)?);
     }
     let mut l2 = None;
     if cfg.redis.url.is_some() {
-        let rc = cfg.redis.clone();
+        let rc = redis::RedisConfig { max_ahead_us: cfg.validate.max_ahead_us, ..cfg.redis.clone() };
         l2 = Some(redis::RedisL2Reader::open(&rc)?);
         let sink = tokio::task::spawn_blocking(move || redis::RedisL2Sink::open(rc))
             .await?
@@ -135,13 +138,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         Box::new(|_| Box::new(EventStage::new())),
     ];
 
-    let (pcfg, wcfg) = (cfg.pipeline.clone(), cfg.wal.clone());
+    let pcfg = fleetpipe_pipeline::PipelineConfig {
+        max_ahead_us: cfg.validate.max_ahead_us,
+        ..cfg.pipeline.clone()
+    };
+    let wcfg = cfg.wal.clone();
     let pipeline =
         tokio::task::spawn_blocking(move || Pipeline::start(&pcfg, &wcfg, &data_dir, stages, sinks))
             .await??;
 
     // Sources.
-    let mut sources = Sources::new(pipeline.intake.clone(), rules);
+    let mut sources = Sources::new(pipeline.intake.clone(), rules, pipeline.pushback.clone());
     if let Some(g) = gateway {
         sources.spawn(g);
     }
@@ -185,6 +192,45 @@ impl Running {
     /// broker, Kafka's group membership), and the instance is not draining.
     pub fn is_subscribed(&self) -> bool {
         self.readiness.is_ready()
+    }
+}
+
+/// File descriptors kept for everything but vehicle connections: the log, the sinks' files and
+/// connections, HTTP clients, and the connections the gateway accepts only to refuse.
+const FD_HEADROOM: u64 = 1500;
+
+/// The gateway's configuration with `max_connections` lowered, if need be, to what the
+/// process's file-descriptor limit allows (less [`FD_HEADROOM`]): past its cap the gateway
+/// refuses a connection cleanly, past the descriptor limit it could not even accept one.
+fn fit_connections(
+    cfg: &fleetpipe_ingest::gateway::GatewayConfig,
+) -> fleetpipe_ingest::gateway::GatewayConfig {
+    let mut cfg = cfg.clone();
+    let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
+        return cfg;
+    };
+    let fit = usize::try_from(soft.saturating_sub(FD_HEADROOM)).unwrap_or(usize::MAX).max(1);
+    if cfg.max_connections > fit {
+        tracing::warn!(
+            configured = cfg.max_connections,
+            max_connections = fit,
+            fd_limit = soft,
+            "gateway.max_connections lowered to fit the file-descriptor limit"
+        );
+        cfg.max_connections = fit;
+    }
+    cfg
+}
+
+/// Raises the soft file-descriptor limit to the hard one (each vehicle connection holds one)
+/// and logs both.
+pub fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) => {
+            let hard = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(soft, |(_, hard)| hard);
+            tracing::info!(soft, hard, "file descriptor limit");
+        }
+        Err(e) => tracing::warn!(error = %e, "could not raise the file descriptor limit"),
     }
 }
 

@@ -245,8 +245,29 @@ impl Config {
     }
 
     /// The stable MQTT client id: configured, else derived from the pod or host name.
-    pub fn mqtt_client_id(&self) -> String {
-        self.mqtt.client_id.clone().unwrap_or_else(instance_id)
+    /// The external broker client id: as configured, else `fleetpipe-{host}-{suffix}`, the
+    /// suffix random, made once and kept in `{data_dir}/_fleetpipe/instance_id` (a guessable id
+    /// lets any client of an open broker take fleetpipe's session away).
+    pub fn mqtt_client_id(&self) -> anyhow::Result<String> {
+        if let Some(id) = &self.mqtt.client_id {
+            return Ok(id.clone());
+        }
+        let path = self.data_dir.join("_fleetpipe").join("instance_id");
+        if let Ok(kept) = std::fs::read_to_string(&path) {
+            let kept = kept.trim();
+            if !kept.is_empty() {
+                return Ok(kept.to_owned());
+            }
+        }
+        let mut bytes = [0u8; 6];
+        getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for the client id: {e}"))?;
+        let suffix: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let id = format!("{}-{suffix}", instance_id());
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&path, format!("{id}\n")).with_context(|| format!("writing {}", path.display()))?;
+        Ok(id)
     }
 
     /// Where the gateway listens for plain MQTT: as configured, else `127.0.0.1:1883` when no

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fleetpipe_pipeline::{
-    now_micros, BoxError, Entry, Intake, NotDurable, Readiness, Source, SourceContext, Submission,
+    now_micros, BoxError, Entry, Intake, NotDurable, Pushback, Readiness, Source, SourceContext, Submission,
 };
 use fleetpipe_processors::codec::{decode_message, frame_to_value, Message};
 use fleetpipe_processors::latest::{LatestCache, VehicleState};
@@ -37,15 +37,28 @@ pub struct HttpConfig {
     pub addr: SocketAddr,
     /// Request body limit (413 past it).
     pub max_body_bytes: usize,
-    /// When set, `POST /v1/frames` requires `Authorization: Bearer <token>`.
+    /// When set, every endpoint but `/health` and `/ready` requires `Authorization: Bearer
+    /// <token>` (this token, or a credential's with `[auth] mode = "token"`).
     pub auth_token: Option<String>,
+    /// An open listener for `/metrics`, `/health` and `/ready` only (Prometheus inside the
+    /// cluster), beside the main one, which then still asks a token for `/metrics`.
+    pub admin_addr: Option<SocketAddr>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { addr: ([127, 0, 0, 1], 8080).into(), max_body_bytes: 16 << 20, auth_token: None }
+        HttpConfig {
+            addr: ([127, 0, 0, 1], 8080).into(),
+            max_body_bytes: 16 << 20,
+            auth_token: None,
+            admin_addr: None,
+        }
     }
 }
+
+/// At most this many rejections are listed in a `POST /v1/frames` answer; `rejected_total`
+/// gives the count (all of them are counted and kept).
+pub const MAX_LISTED_REJECTIONS: usize = 1_000;
 
 /// A read that failed, with the tier that failed it (`l2`, `postgres`, ...).
 #[derive(Debug, thiserror::Error)]
@@ -128,11 +141,14 @@ pub struct ApiState {
     pub render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     /// Readiness: sources subscribed, sinks initialised, not draining.
     pub readiness: Arc<Readiness>,
+    /// On while the log cannot be written: ingest answers 503 at once.
+    pub pushback: Pushback,
 }
 
 /// The HTTP API as a source: ingest, reads, metrics and probes on one listener.
 pub struct HttpSource {
     listener: TcpListener,
+    admin: Option<TcpListener>,
     cfg: HttpConfig,
     reads: Arc<dyn ReadPath>,
     credentials: Option<Credentials>,
@@ -150,12 +166,23 @@ impl HttpSource {
     ) -> Result<HttpSource> {
         let listener =
             TcpListener::bind(cfg.addr).await.map_err(|source| Error::Listen { addr: cfg.addr, source })?;
-        Ok(HttpSource { listener, cfg: cfg.clone(), reads, credentials, render_metrics })
+        let admin = match cfg.admin_addr {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })?)
+            }
+            None => None,
+        };
+        Ok(HttpSource { listener, admin, cfg: cfg.clone(), reads, credentials, render_metrics })
     }
 
     /// The address the API listens on.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         self.listener.local_addr().map_err(|source| Error::Listen { addr: self.cfg.addr, source })
+    }
+
+    /// The address of the open admin listener, if one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 }
 
@@ -180,8 +207,17 @@ impl Source for HttpSource {
             credentials: self.credentials,
             render_metrics: self.render_metrics,
             readiness: ctx.readiness,
+            pushback: ctx.pushback,
         };
         ctx.ready.set(true);
+        if let Some(admin) = self.admin {
+            let (app, stop) = (admin_router(state.clone()), ctx.shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(admin, app).with_graceful_shutdown(stop.wait()).await {
+                    tracing::error!(error = %e, "admin listener failed");
+                }
+            });
+        }
         let addr = self.cfg.addr;
         axum::serve(self.listener, router(state))
             .with_graceful_shutdown(ctx.shutdown.wait())
@@ -190,18 +226,61 @@ impl Source for HttpSource {
     }
 }
 
+/// The API. With a token configured (`http.auth_token` or `[auth] mode = "token"`) every
+/// route but the probes asks for one (CONTRACT.md §8).
 pub fn router(state: ApiState) -> Router {
     let limit = state.max_body_bytes;
-    Router::new()
-        .route("/v1/frames", post(post_frames))
+    let guarded = Router::new()
         .route("/v1/vehicles", get(near_vehicles))
         .route("/v1/vehicles/:id", get(get_vehicle))
         .route("/v1/vehicles/:id/track", get(track))
         .route("/metrics", get(metrics_text))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/v1/frames", post(post_frames))
+        .merge(guarded)
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// `http.admin_addr`: metrics and probes, open.
+fn admin_router(state: ApiState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .with_state(state)
+}
+
+/// Who is reading (`None`: no auth configured), for the read handlers' scope.
+#[derive(Clone)]
+struct Caller(Option<Identity>);
+
+impl Caller {
+    fn allows(&self, vehicle_id: &str) -> bool {
+        self.0.as_ref().is_none_or(|i| i.allows(vehicle_id))
+    }
+}
+
+fn unauthorized(reason: &'static str) -> Response {
+    metrics::counter!("fleetpipe_auth_failures_total", "door" => "http", "reason" => reason).increment(1);
+    error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or unknown bearer token")
+}
+
+async fn require_token(
+    State(st): State<ApiState>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authenticate(&st, req.headers()) {
+        Ok(identity) => {
+            req.extensions_mut().insert(Caller(identity));
+            next.run(req).await
+        }
+        Err(reason) => unauthorized(reason),
+    }
 }
 
 fn error(status: StatusCode, reason: &str, detail: impl Into<String>) -> Response {
@@ -265,12 +344,12 @@ fn confine(decoded: &mut Decoded, identity: &Identity) {
 async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
     let identity = match authenticate(&st, &headers) {
         Ok(identity) => identity,
-        Err(reason) => {
-            metrics::counter!("fleetpipe_auth_failures_total", "door" => "http", "reason" => reason)
-                .increment(1);
-            return error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or unknown bearer token");
-        }
+        Err(reason) => return unauthorized(reason),
     };
+    if st.pushback.is_on() {
+        metrics::counter!("fleetpipe_http_overloaded_total").increment(1);
+        return overloaded("the write-ahead log cannot be written (disk full or failing); retry later");
+    }
     if body.len() > st.max_body_bytes {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -307,9 +386,11 @@ async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: Bytes
         && decoded.rejections.len() == 1
         && decoded.rejections.first().is_some_and(|r| r.index.is_none());
     let accepted = decoded.frames.len();
+    let rejected_total = decoded.rejections.len();
     let rejected: Vec<Value> = decoded
         .rejections
         .iter()
+        .take(MAX_LISTED_REJECTIONS)
         .map(|r| json!({"index": r.index, "reason": r.reason.code(), "detail": r.detail}))
         .collect();
 
@@ -337,7 +418,8 @@ async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: Bytes
                 .into_response()
         }
         Ok(Ok(_lsn)) => {
-            (StatusCode::OK, Json(json!({"accepted": accepted, "rejected": rejected}))).into_response()
+            let body = json!({"accepted": accepted, "rejected": rejected, "rejected_total": rejected_total});
+            (StatusCode::OK, Json(body)).into_response()
         }
         Ok(Err(NotDurable::ShuttingDown)) | Err(_) => overloaded("shutting down"),
         Ok(Err(e)) => overloaded(&e.to_string()),
@@ -356,7 +438,18 @@ pub fn vehicle_json(id: &str, state: &VehicleState, served_from: &str) -> Value 
     doc
 }
 
-async fn get_vehicle(State(st): State<ApiState>, Path(id): Path<String>) -> Response {
+fn out_of_scope(id: &str) -> Response {
+    error(StatusCode::FORBIDDEN, "forbidden", format!("the token does not cover vehicle {id}"))
+}
+
+async fn get_vehicle(
+    State(st): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    if !caller.allows(&id) {
+        return out_of_scope(&id);
+    }
     match st.reads.vehicle(&id).await {
         Ok(Some((state, tier))) => Json(vehicle_json(&id, &state, tier)).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, "not_found", format!("no vehicle {id}")),
@@ -371,7 +464,11 @@ struct NearQuery {
     limit: Option<usize>,
 }
 
-async fn near_vehicles(State(st): State<ApiState>, Query(q): Query<NearQuery>) -> Response {
+async fn near_vehicles(
+    State(st): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Query(q): Query<NearQuery>,
+) -> Response {
     let Some(near) = q.near else {
         return error(StatusCode::BAD_REQUEST, "bad_query", "near=LAT,LON is required");
     };
@@ -395,6 +492,9 @@ async fn near_vehicles(State(st): State<ApiState>, Query(q): Query<NearQuery>) -
         .iter()
         .filter_map(|(state, d)| {
             let id = state.location.as_ref()?.vehicle_id.clone();
+            if !caller.allows(&id) {
+                return None;
+            }
             let mut v = vehicle_json(&id, state, "near");
             if let Some(obj) = v.as_object_mut() {
                 obj.remove("served_from");
@@ -421,7 +521,15 @@ fn parse_time(s: &str) -> Option<Micros> {
         .or_else(|| fleetpipe_processors::time::parse_rfc3339(s))
 }
 
-async fn track(State(st): State<ApiState>, Path(id): Path<String>, Query(q): Query<TrackQuery>) -> Response {
+async fn track(
+    State(st): State<ApiState>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<TrackQuery>,
+) -> Response {
+    if !caller.allows(&id) {
+        return out_of_scope(&id);
+    }
     let from = match q.from.as_deref().map(parse_time) {
         None => i64::MIN / 2,
         Some(Some(t)) => t,

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
+mod gateway;
 mod storage;
 
 #[derive(Parser)]
@@ -157,6 +158,76 @@ enum Cmd {
         vehicles: u64,
         #[arg(long, default_value = "")]
         label: String,
+    },
+    /// Many vehicles, one MQTT connection each, publishing their own topics (see [`gateway`]).
+    Fleet {
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        server: std::net::SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        vehicles: usize,
+        /// Frames per vehicle.
+        #[arg(long, default_value_t = 1000)]
+        frames: u64,
+        /// Frames per second per vehicle; 0: flat out.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// QoS 1 messages in flight per connection (flat out).
+        #[arg(long, default_value_t = 100)]
+        inflight: usize,
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+        /// Source addresses 127.0.0.1..=127.0.0.N.
+        #[arg(long, default_value_t = 1)]
+        ips: usize,
+        /// First vehicle number (several processes take disjoint ranges).
+        #[arg(long, default_value_t = 0)]
+        first: usize,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Authenticate as the vehicle (username = id, password = its load-test token).
+        #[arg(long)]
+        auth: bool,
+        /// After the last frame, keep the connections open until killed.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// N idle MQTT connections held until killed.
+    Idle {
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        server: std::net::SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        ips: usize,
+        /// First vehicle number (several processes take disjoint ranges).
+        #[arg(long, default_value_t = 0)]
+        first: usize,
+        #[arg(long)]
+        auth: bool,
+    },
+    /// Writes a credentials file for vehicles `0..vehicles` with their load-test tokens.
+    Credentials {
+        #[arg(long)]
+        vehicles: usize,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// GETs a URL every 10 ms for a while; latency percentiles.
+    Probe {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+    },
+    /// An MQTT server that acknowledges at once and stores nothing.
+    NullMqtt {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Print `end <time>` at every multiple of this many PUBLISHes (0: never).
+        #[arg(long, default_value_t = 0)]
+        every: u64,
     },
     WaitMetric {
         #[arg(long)]
@@ -599,6 +670,26 @@ fn main() -> anyhow::Result<()> {
                     publishers,
                 ));
         }
+        Cmd::NullMqtt { port, workers, every } => return gateway::null_mqtt(*port, *workers, *every),
+        Cmd::Fleet { server, vehicles, frames, rate, inflight, qos, ips, first, threads, auth, hold } => {
+            let fleet = gateway::Fleet {
+                server: *server,
+                vehicles: *vehicles,
+                first: *first,
+                frames: *frames,
+                rate: *rate,
+                inflight: *inflight,
+                qos: *qos,
+                ips: *ips,
+                auth: *auth,
+                hold: *hold,
+            };
+            return tokio::runtime::Builder::new_multi_thread()
+                .worker_threads((*threads).max(1))
+                .enable_all()
+                .build()?
+                .block_on(gateway::fleet(fleet));
+        }
         // On all cores, as fleetpipe's API.
         Cmd::HttpNull { port } => {
             return tokio::runtime::Builder::new_multi_thread()
@@ -631,7 +722,12 @@ fn main() -> anyhow::Result<()> {
                 kafka_produce(&brokers, &topic, frames, vehicles).await
             }
             Cmd::KafkaConsume { brokers, topic, count } => kafka_consume(&brokers, &topic, count).await,
-            Cmd::HttpNull { .. } => Ok(()),
+            Cmd::Idle { server, count, ips, first, auth } => {
+                gateway::idle(server, first, count, ips, auth).await
+            }
+            Cmd::Credentials { vehicles, out } => gateway::credentials(vehicles, &out),
+            Cmd::Probe { url, secs } => gateway::probe(&url, secs).await,
+            Cmd::HttpNull { .. } | Cmd::NullMqtt { .. } | Cmd::Fleet { .. } => Ok(()),
             Cmd::Latency { .. } => unreachable!("run on its own runtime above"),
             Cmd::ReadLatency { url, vehicles, label } => storage::read_latency(&url, vehicles, &label).await,
             Cmd::PgSink { .. } | Cmd::RedisL2 { .. } | Cmd::ParquetBench { .. } => Ok(()),

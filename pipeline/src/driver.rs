@@ -32,6 +32,9 @@ use crate::sink::{Poison, Sink, SinkError};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const FIRST_RECOVER: Duration = Duration::from_millis(100);
+/// Attempts a failing call gets once the instance drains.
+const DRAIN_ATTEMPTS: u32 = 3;
 
 /// What the driver needs of the write-ahead log (the pipeline's log; a fake in tests).
 pub trait LogAccess: Send + Sync {
@@ -156,6 +159,18 @@ impl SinkHandle {
 /// Runs `sink` on an OS thread named `sink-{name}`, behind a queue fed by the returned
 /// [`SinkFeed`]; what the feeder skips is read back from `log`, poison frames are kept there.
 pub fn spawn(sink: Box<dyn Sink>, cfg: DriverConfig, log: Arc<dyn LogAccess>) -> (SinkHandle, SinkFeed) {
+    spawn_draining(sink, cfg, log, Arc::new(std::sync::atomic::AtomicBool::new(false)))
+}
+
+/// [`spawn`], told when the instance drains (`draining`): from then on a failing sink gives up
+/// after a few attempts instead of retrying for ever, and ends cleanly — what it lacks stays in
+/// the log, which replays it at the next start.
+pub fn spawn_draining(
+    sink: Box<dyn Sink>,
+    cfg: DriverConfig,
+    log: Arc<dyn LogAccess>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+) -> (SinkHandle, SinkFeed) {
     let name = sink.name();
     let is_durable = sink.is_durable();
     let (tx, rx) = crossbeam_channel::bounded(cfg.queue.max(1));
@@ -179,6 +194,8 @@ pub fn spawn(sink: Box<dyn Sink>, cfg: DriverConfig, log: Arc<dyn LogAccess>) ->
                 last_flush: Instant::now(),
                 write_seconds,
                 log: log.as_ref(),
+                draining,
+                recover_delay: FIRST_RECOVER,
             };
             let result = driver.run(rx, &lag, &cfg);
             still.store(false, Ordering::Release);
@@ -205,10 +222,31 @@ struct Driver<'a> {
     last_flush: Instant,
     write_seconds: metrics::Histogram,
     log: &'a dyn LogAccess,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Wait before the next in-place recovery; doubles while recoveries keep failing.
+    recover_delay: Duration,
 }
 
 impl Driver<'_> {
     fn run(&mut self, rx: Receiver<Arc<Batch>>, lag: &Lag, cfg: &DriverConfig) -> Result<(), SinkError> {
+        match self.drive(&rx, lag, cfg) {
+            Err(e) if self.draining.load(Ordering::Acquire) => {
+                // Safe: the log keeps every segment until this sink's durable position has
+                // passed it, and replays the rest at the next start.
+                tracing::warn!(
+                    sink = self.name,
+                    durable = self.sink.durable_lsn(),
+                    error = %e,
+                    "sink gave up while draining; the log replays what it lacks at the next start"
+                );
+                self.durable.store(self.sink.durable_lsn(), Ordering::Release);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn drive(&mut self, rx: &Receiver<Arc<Batch>>, lag: &Lag, cfg: &DriverConfig) -> Result<(), SinkError> {
         let name = self.name;
         let tick = cfg.flush_every.map_or(cfg.tick, |f| f.min(cfg.tick));
         let depth = metrics::gauge!("fleetpipe_queue_depth", "stage" => name);
@@ -221,32 +259,100 @@ impl Driver<'_> {
             }
             // Behind and the queue worked off: what was skipped comes next, from the log.
             if rx.is_empty() && lag.lock().behind {
-                self.catch_up(lag)?;
+                if let Err(e) = self.catch_up(lag) {
+                    let through = lag.lock().skipped_through;
+                    self.recover(e, lag, through, rx)?;
+                }
                 continue;
             }
-            match rx.recv_timeout(tick) {
-                Ok(batch) => self.write(&batch)?,
+            let step = match rx.recv_timeout(tick) {
+                Ok(batch) => self.write(&batch).map_err(|e| (e, batch.lsn)),
                 Err(RecvTimeoutError::Timeout) => {
-                    retry(name, "tick", || self.sink.tick(Instant::now()))?;
+                    self.retry("tick", |s| s.sink.tick(Instant::now())).map_err(|e| (e, self.written))
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    retry(name, "flush", || self.sink.flush())?;
+                    self.retry("flush", |s| s.sink.flush())?;
                     self.durable.store(self.sink.durable_lsn(), Ordering::Release);
                     tracing::debug!(sink = name, durable = self.sink.durable_lsn(), "sink closed");
                     return Ok(());
                 }
-            }
-            if let Some(every) = cfg.flush_every {
-                if rx.is_empty()
-                    && self.written > self.sink.durable_lsn()
-                    && self.last_flush.elapsed() >= every
+            };
+            let step = step.and_then(|()| match cfg.flush_every {
+                Some(every)
+                    if rx.is_empty()
+                        && self.written > self.sink.durable_lsn()
+                        && self.last_flush.elapsed() >= every =>
                 {
-                    retry(name, "flush", || self.sink.flush())?;
                     self.last_flush = Instant::now();
+                    self.retry("flush", |s| s.sink.flush()).map_err(|e| (e, self.written))
                 }
+                _ => Ok(()),
+            });
+            if let Err((e, through)) = step {
+                self.recover(e, lag, through, rx)?;
             }
             self.durable.store(self.sink.durable_lsn(), Ordering::Release);
         }
+    }
+
+    /// A failure retrying cannot fix: if the sink can start over from its durable position, it
+    /// does (after a pause that doubles while this keeps happening), and everything after that
+    /// position through `through` is read back from the log. Otherwise the failure stands.
+    fn recover(
+        &mut self,
+        err: SinkError,
+        lag: &Lag,
+        through: Lsn,
+        rx: &Receiver<Arc<Batch>>,
+    ) -> Result<(), SinkError> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(err);
+        }
+        match self.sink.recover() {
+            Ok(true) => {}
+            Ok(false) => return Err(err),
+            Err(e) => tracing::warn!(sink = self.name, error = %e, "sink could not start over yet"),
+        }
+        let durable = self.sink.durable_lsn();
+        tracing::warn!(
+            sink = self.name,
+            error = %err,
+            durable,
+            through,
+            retry_in_ms = self.recover_delay.as_millis() as u64,
+            "sink failed and starts over; what it lost comes back from the log"
+        );
+        metrics::counter!("fleetpipe_sink_recoveries_total", "sink" => self.name).increment(1);
+        {
+            let mut state = lag.lock();
+            if !state.behind {
+                metrics::gauge!("fleetpipe_sink_behind", "sink" => self.name).set(1.0);
+            }
+            state.behind = true;
+            state.skipped_through = state.skipped_through.max(through).max(self.written);
+            // Batches already queued come after the ones to re-read: they are read back from
+            // the log too, in order. (The feeder sends no more while `behind` is set.)
+            while let Ok(batch) = rx.try_recv() {
+                state.skipped_through = state.skipped_through.max(batch.lsn);
+            }
+        }
+        self.written = durable;
+        self.taken.store(durable, Ordering::Release);
+        self.durable.store(durable, Ordering::Release);
+        std::thread::sleep(self.recover_delay);
+        self.recover_delay = (self.recover_delay * 2).min(MAX_BACKOFF);
+        Ok(())
+    }
+
+    /// [`retry`] for this sink: once the instance drains, a few attempts only.
+    fn retry(
+        &mut self,
+        op_name: &'static str,
+        mut op: impl FnMut(&mut Self) -> Result<(), SinkError>,
+    ) -> Result<(), SinkError> {
+        let draining = Arc::clone(&self.draining);
+        let name = self.name;
+        retry(name, op_name, &draining, || op(self))
     }
 
     fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
@@ -255,7 +361,8 @@ impl Driver<'_> {
             return Ok(()); // already taken (read from the log while catching up, or a replay)
         }
         let mut kept: Option<Batch> = None;
-        retry(name, "write", || {
+        let draining = Arc::clone(&self.draining);
+        retry(name, "write", &draining, || {
             let current = kept.as_ref().unwrap_or(batch);
             let started = Instant::now();
             let result = self.sink.write(current);
@@ -273,7 +380,8 @@ impl Driver<'_> {
         self.written = batch.lsn;
         self.taken.store(batch.lsn, Ordering::Release);
         self.durable.store(self.sink.durable_lsn(), Ordering::Release);
-        retry(name, "tick", || self.sink.tick(Instant::now()))
+        self.recover_delay = FIRST_RECOVER;
+        retry(name, "tick", &draining, || self.sink.tick(Instant::now()))
     }
 
     /// Keeps the frames a sink refused in the dead-letter store (durably, through the log) and
@@ -359,11 +467,13 @@ fn refused_reason(sink: &str) -> &'static str {
     }
 }
 
-/// Runs `op` until it succeeds or fails with an error that retrying cannot fix. An empty
-/// [`SinkError::Poison`] (the poison frames were diverted) is retried at once.
+/// Runs `op` until it succeeds or fails with an error that retrying cannot fix — or, once
+/// `draining` is set, has failed [`DRAIN_ATTEMPTS`] times. An empty [`SinkError::Poison`] (the
+/// poison frames were diverted) is retried at once.
 fn retry(
     sink: &'static str,
     op_name: &'static str,
+    draining: &std::sync::atomic::AtomicBool,
     mut op: impl FnMut() -> Result<(), SinkError>,
 ) -> Result<(), SinkError> {
     let mut delay = FIRST_BACKOFF;
@@ -376,7 +486,10 @@ fn retry(
         };
         metrics::counter!("fleetpipe_sink_errors_total", "sink" => sink).increment(1);
         if !err.is_retryable() {
-            tracing::error!(sink, op = op_name, error = %err, "sink failed, stopping it");
+            tracing::error!(sink, op = op_name, error = %err, "sink operation failed; retrying cannot fix it");
+            return Err(err);
+        }
+        if attempt >= DRAIN_ATTEMPTS && draining.load(Ordering::Acquire) {
             return Err(err);
         }
         tracing::warn!(

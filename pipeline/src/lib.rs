@@ -49,7 +49,7 @@ use tokio::sync::mpsc;
 
 pub use entry::{now_micros, Completion, Entry, Intake, NotDurable, Submission};
 pub use sink::{BoxError, Poison, Sink, SinkError};
-pub use source::{Readiness, Ready, Shutdown, Source, SourceContext, Sources};
+pub use source::{Pushback, Readiness, Ready, Shutdown, Source, SourceContext, Sources};
 
 use driver::{DriverConfig, SinkHandle};
 use wal::{Wal, WalConfig};
@@ -110,6 +110,9 @@ pub struct PipelineConfig {
     /// With `ack = "sinks"`: how often sinks that hold unflushed data are flushed (ms). Each
     /// flush closes the open Parquet files, so shorter means faster acks and more files.
     pub ack_flush_ms: f64,
+    /// `validate.max_ahead_s` in microseconds, for `fleetpipe_frames_clock_ahead_total`.
+    #[serde(skip)]
+    pub max_ahead_us: i64,
 }
 
 impl Default for PipelineConfig {
@@ -121,6 +124,7 @@ impl Default for PipelineConfig {
             dedup_frames: 1 << 20,
             ack: AckMode::Log,
             ack_flush_ms: 100.0,
+            max_ahead_us: fleetpipe_processors::validate::Rules::default().max_ahead_us,
         }
     }
 }
@@ -151,6 +155,8 @@ const SINK_TICK: Duration = Duration::from_millis(100);
 /// The running pipeline. [`Pipeline::join`] drains it once every intake clone is dropped.
 pub struct Pipeline {
     pub intake: Intake,
+    /// On while the log cannot be written.
+    pub pushback: source::Pushback,
     draining: Arc<AtomicBool>,
     writer: JoinHandle<Result<()>>,
     shards: Vec<JoinHandle<()>>,
@@ -194,6 +200,7 @@ impl Pipeline {
             divert: writer::DivertLane { tx: divert_tx, wake: intake.downgrade() },
         });
 
+        let draining = Arc::new(AtomicBool::new(false));
         // Sinks, each behind its own queue, catching up from the log when they fall behind.
         let mut feeds = Vec::new();
         let mut handles = Vec::new();
@@ -201,7 +208,7 @@ impl Pipeline {
             let from = sink.durable_lsn();
             tracing::info!(sink = sink.name(), durable_lsn = from, "sink opened");
             let dcfg = DriverConfig { queue: q, tick: SINK_TICK, flush_every: ack_after_sinks };
-            let (handle, feed) = driver::spawn(sink, dcfg, log.clone());
+            let (handle, feed) = driver::spawn_draining(sink, dcfg, log.clone(), draining.clone());
             handles.push(handle);
             feeds.push((feed, from));
         }
@@ -241,7 +248,7 @@ impl Pipeline {
         }
         drop(out_tx);
 
-        let draining = Arc::new(AtomicBool::new(false));
+        let pushback = source::Pushback::default();
         let mut w = writer::Writer {
             wal,
             draining: draining.clone(),
@@ -253,12 +260,14 @@ impl Pipeline {
             capacity: intake_rx.max_capacity(),
             group_entries: wal_cfg.group_entries.max(1),
             linger: wal_cfg.group_linger(),
+            max_ahead_us: cfg.max_ahead_us,
+            pushback: pushback.clone(),
         };
         let writer = spawn("log writer", "wal-writer".into(), move || {
             w.replay()?;
             w.run(intake_rx)
         })?;
-        Ok(Pipeline { intake, draining, writer, shards: shard_joins, reseq, sinks: handles, acker })
+        Ok(Pipeline { intake, pushback, draining, writer, shards: shard_joins, reseq, sinks: handles, acker })
     }
 
     /// Tells the log writer the instance is draining: should the log be full, queued entries are

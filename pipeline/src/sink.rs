@@ -86,4 +86,11 @@ pub trait Sink: Send {
     fn is_durable(&self) -> bool {
         true
     }
+    /// After a failure retrying cannot fix ([`SinkError::Fatal`]), drops whatever the sink
+    /// holds that is not durable and makes it usable again from [`Sink::durable_lsn`]; the
+    /// driver reads what comes after from the log. `Ok(false)` (the default): it cannot, the
+    /// failure stops it.
+    fn recover(&mut self) -> Result<bool, SinkError> {
+        Ok(false)
+    }
 }

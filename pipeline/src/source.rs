@@ -54,6 +54,21 @@ impl Readiness {
     }
 }
 
+/// On while the write-ahead log cannot be written (a full or failing disk): sources that can
+/// refuse at once (HTTP: 503 with `Retry-After`) do, instead of queueing. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Pushback(Arc<AtomicBool>);
+
+impl Pushback {
+    pub fn set(&self, on: bool) {
+        self.0.store(on, Ordering::Release);
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// Resolves when the instance starts its drain.
 #[derive(Debug, Clone)]
 pub struct Shutdown(watch::Receiver<bool>);
@@ -76,6 +91,8 @@ pub struct SourceContext {
     pub shutdown: Shutdown,
     /// The instance's readiness, for a source that answers probes (HTTP `/ready`).
     pub readiness: Arc<Readiness>,
+    /// On while the log cannot be written.
+    pub pushback: Pushback,
 }
 
 /// A source of frames (MQTT, Kafka, HTTP, ...).
@@ -102,16 +119,18 @@ struct Running {
 pub struct Sources {
     intake: Intake,
     rules: Arc<Rules>,
+    pushback: Pushback,
     readiness: Arc<Readiness>,
     stop: watch::Sender<bool>,
     running: Vec<Running>,
 }
 
 impl Sources {
-    pub fn new(intake: Intake, rules: Arc<Rules>) -> Sources {
+    pub fn new(intake: Intake, rules: Arc<Rules>, pushback: Pushback) -> Sources {
         Sources {
             intake,
             rules,
+            pushback,
             readiness: Arc::new(Readiness::default()),
             stop: watch::channel(false).0,
             running: Vec::new(),
@@ -128,6 +147,7 @@ impl Sources {
             ready: self.readiness.add(),
             shutdown: Shutdown(self.stop.subscribe()),
             readiness: Arc::clone(&self.readiness),
+            pushback: self.pushback.clone(),
         };
         let task = tokio::spawn(async move { source.run(ctx).await.map_err(Into::into) });
         self.running.push(Running { name, grace, task });

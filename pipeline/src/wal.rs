@@ -98,6 +98,8 @@ pub struct Wal {
     active: File,
     next_lsn: Lsn,
     scratch: Vec<u8>,
+    /// A failed append may have left bytes after the last good record.
+    torn: bool,
 }
 
 impl Wal {
@@ -152,7 +154,7 @@ impl Wal {
                 f
             }
         };
-        Ok(Wal { cfg, segments, active, next_lsn, scratch: Vec::new() })
+        Ok(Wal { cfg, segments, active, next_lsn, scratch: Vec::new(), torn: false })
     }
 
     /// The position the next appended record gets.
@@ -196,19 +198,40 @@ impl Wal {
             self.scratch.extend_from_slice(p);
         }
         let path = self.active_path().to_path_buf();
-        let written = self.active.write_all(&self.scratch).and_then(|_| self.active.sync_data());
+        let good = self.segments.last().map_or(0, |s| s.bytes);
+        // A tail a failed append left behind is cut before anything follows it.
+        let written = (if self.torn { self.active.set_len(good) } else { Ok(()) })
+            .and_then(|_| {
+                self.torn = false;
+                self.active.write_all(&self.scratch)
+            })
+            .and_then(|_| self.active.sync_data());
         if let Err(source) = written {
-            // Leave nothing half-counted: the next open cuts whatever tail this left.
+            // Leave nothing half-counted, and nothing half-written: the log goes on from its
+            // last good record (and if cutting fails too, the next append cuts first).
             self.next_lsn = first;
+            self.torn = true;
+            if self.active.set_len(good).and_then(|_| self.active.sync_data()).is_ok() {
+                self.torn = false;
+            }
             return Err(WalError::Io { path, source });
         }
         if let Some(seg) = self.segments.last_mut() {
             seg.bytes += self.scratch.len() as u64;
         }
         if self.segments.last().is_some_and(|s| s.bytes >= self.cfg.segment_bytes) {
-            let (f, seg) = create_segment(&self.cfg.dir, self.next_lsn)?;
-            self.active = f;
-            self.segments.push(seg);
+            // The group is durable whatever happens here; a segment that cannot be created
+            // now is tried again after the next append.
+            match create_segment(&self.cfg.dir, self.next_lsn) {
+                Ok((f, seg)) => {
+                    self.active = f;
+                    self.segments.push(seg);
+                }
+                Err(e) => {
+                    let _ = fs::remove_file(segment_path(&self.cfg.dir, self.next_lsn));
+                    tracing::warn!(error = %e, "could not start a new log segment; the current one grows");
+                }
+            }
         }
         Ok(first)
     }

@@ -18,10 +18,13 @@ use tokio::sync::mpsc;
 use crate::entry::{Completion, Entry, NotDurable, Submission};
 use crate::shard::Dispatch;
 use crate::wal::Wal;
-use crate::{record, Error, Result};
+use crate::{record, Result};
 
 /// How long the drain waits for the sinks to take everything before it closes the stages.
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// A failed log append is tried again after this, doubling up to [`FAULT_MAX_RETRY`].
+const FAULT_FIRST_RETRY: Duration = Duration::from_millis(50);
+const FAULT_MAX_RETRY: Duration = Duration::from_secs(1);
 
 /// Rejections a sink refused, on their way into the log; `done` hears when they are durable.
 pub(crate) struct Diversion {
@@ -66,6 +69,10 @@ pub(crate) struct Writer {
     pub(crate) capacity: usize,
     pub(crate) group_entries: usize,
     pub(crate) linger: Duration,
+    /// `validate.max_ahead_s`, for counting frames ahead of the receiving clock.
+    pub(crate) max_ahead_us: i64,
+    /// On while the log cannot be written.
+    pub(crate) pushback: crate::source::Pushback,
 }
 
 impl Writer {
@@ -207,8 +214,11 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
+                // The sink that diverted them tries again later.
+                metrics::counter!("fleetpipe_wal_errors_total").increment(1);
+                tracing::warn!(error = %e, "could not keep a sink's refused frames in the log yet");
                 let _ = d.done.send(Err(NotDurable::Log(e.to_string())));
-                Err(e.into())
+                Ok(())
             }
         }
     }
@@ -220,26 +230,65 @@ impl Writer {
             return Ok(());
         }
         let payloads: Vec<Vec<u8>> = batch.iter().map(|s| record::encode(&s.entry)).collect();
-        let started = Instant::now();
-        let first = match self.wal.append_group(&payloads) {
-            Ok(first) => first,
-            Err(e) => {
-                tracing::error!(error = %e, entries = batch.len(), "log append failed");
-                for s in batch.drain(..) {
-                    if let Some(done) = s.done {
-                        done(Err(NotDurable::Log(e.to_string())));
+        let mut started = Instant::now();
+        let mut fault: Option<(Instant, u64)> = None;
+        let mut delay = FAULT_FIRST_RETRY;
+        // The log is the durability point: while it cannot be written nothing is acknowledged.
+        // The group is held and tried again (the intake fills up behind it: MQTT reading stops,
+        // Kafka pauses, HTTP answers 503 at once) until the disk takes it again.
+        let first = loop {
+            match self.wal.append_group(&payloads) {
+                Ok(first) => break first,
+                Err(e) => {
+                    metrics::counter!("fleetpipe_wal_errors_total").increment(1);
+                    let (since, attempts) = fault.get_or_insert_with(|| {
+                        tracing::error!(
+                            error = %e,
+                            entries = batch.len(),
+                            "log append failed; ingestion paused until the log can be written again"
+                        );
+                        self.pushback.set(true);
+                        metrics::gauge!("fleetpipe_wal_full").set(1.0);
+                        (Instant::now(), 0)
+                    });
+                    *attempts += 1;
+                    if self.draining.load(Ordering::Acquire) {
+                        tracing::warn!(
+                            entries = batch.len(),
+                            paused_ms = since.elapsed().as_millis() as u64,
+                            "log still unwritable while draining: the held entries are refused, not acknowledged"
+                        );
+                        for s in batch.drain(..) {
+                            if let Some(done) = s.done {
+                                done(Err(NotDurable::Log(e.to_string())));
+                            }
+                        }
+                        return Ok(());
                     }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(FAULT_MAX_RETRY);
+                    // Sinks that caught up meanwhile free whole segments.
+                    self.release()?;
+                    started = Instant::now();
                 }
-                // The log is the durability point: without it nothing can be acknowledged.
-                return Err(Error::from(e));
             }
         };
+        if let Some((since, attempts)) = fault {
+            tracing::info!(
+                paused_ms = since.elapsed().as_millis() as u64,
+                attempts,
+                "log writable again; ingestion resumed"
+            );
+            self.pushback.set(false);
+            metrics::gauge!("fleetpipe_wal_full").set(0.0);
+        }
         metrics::histogram!("fleetpipe_sink_write_seconds", "sink" => "wal")
             .record(started.elapsed().as_secs_f64());
         let last = first + batch.len() as u64 - 1;
         let mut entries = Vec::with_capacity(batch.len());
         let mut accepted = [0u64; 2];
         let mut rejected: HashMap<&'static str, u64> = HashMap::new();
+        let mut ahead = 0u64;
         for (i, s) in batch.drain(..).enumerate() {
             if let Some(done) = s.done {
                 let lsn = first + i as u64;
@@ -255,6 +304,7 @@ impl Writer {
             }
             for f in &s.entry.frames {
                 accepted[(f.kind() == Kind::Diagnostic) as usize] += 1;
+                ahead += u64::from(fleetpipe_processors::validate::is_clock_ahead(f, self.max_ahead_us));
             }
             for r in &s.entry.rejections {
                 *rejected.entry(r.reason.code()).or_default() += 1;
@@ -268,6 +318,7 @@ impl Writer {
             metrics::counter!("fleetpipe_frames_rejected_total", "reason" => reason).increment(n);
         }
         metrics::counter!("fleetpipe_frames_written_total", "sink" => "wal").increment(frames);
+        metrics::counter!("fleetpipe_frames_clock_ahead_total").increment(ahead);
         self.dispatch.send(last, entries)
     }
 }

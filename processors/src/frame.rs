@@ -272,6 +272,11 @@ reasons! {
     UnauthorizedTopic => "unauthorized_topic",
     /// An HTTP token's scope does not cover the frame's vehicle.
     UnauthorizedVehicle => "unauthorized_vehicle",
+    /// An empty payload, a message that holds no frame, or a diagnostic frame without any
+    /// diagnostic field.
+    EmptyFrame => "empty_frame",
+    /// More frames in one message than `validate.max_frames_per_message`: the excess.
+    TooManyFrames => "too_many_frames",
 }
 
 impl Reason {

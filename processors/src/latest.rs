@@ -72,6 +72,8 @@ pub struct LatestCache {
     mask: u64,
     hasher: std::collections::hash_map::RandomState,
     idle_secs: u32,
+    /// `validate.max_ahead_s`: a frame further ahead of its `received_at` never becomes latest.
+    max_ahead_us: Micros,
 }
 
 /// The latest-state stage: folds each shard batch into the shared cache (every shard holds a
@@ -126,7 +128,15 @@ impl LatestCache {
             mask: nbuckets - 1,
             hasher: std::collections::hash_map::RandomState::new(),
             idle_secs: u32::try_from(idle_ttl.as_secs()).unwrap_or(u32::MAX).max(1),
+            max_ahead_us: crate::validate::Rules::default().max_ahead_us,
         }
+    }
+
+    /// Frames more than `max_ahead_us` ahead of the clock that received them are kept out
+    /// (CONTRACT.md §1: they are history, never latest state).
+    pub fn with_max_ahead(mut self, max_ahead_us: Micros) -> Self {
+        self.max_ahead_us = max_ahead_us;
+        self
     }
 
     fn bucket_key(&self, id: &str) -> u64 {
@@ -152,7 +162,7 @@ impl LatestCache {
         let now = secs(frames.iter().map(|f| f.received_at).max().unwrap_or(0));
         // Newest location and diagnostic per vehicle within the batch.
         let mut newest: HashMap<&str, [Option<&Frame>; 2]> = HashMap::new();
-        for f in frames {
+        for f in frames.iter().filter(|f| !crate::validate::is_clock_ahead(f, self.max_ahead_us)) {
             let slot = &mut newest.entry(f.vehicle_id.as_str()).or_default()[f.kind() as usize];
             if is_newer(f, *slot) {
                 *slot = Some(f);

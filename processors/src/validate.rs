@@ -21,12 +21,32 @@ pub struct Rules {
     pub min_ts: Option<Micros>,
     /// Largest accepted message payload (default 16 MiB); larger is `oversized`.
     pub max_payload_bytes: usize,
+    /// Most frames one message or request may carry (default 10,000); the excess is refused as
+    /// one `too_many_frames` rejection.
+    pub max_frames_per_message: usize,
+    /// How far `ts` may be ahead of the receiving clock and still become latest state (default
+    /// 300 s). A frame further ahead (but inside `max_future_secs`) is stored in history only
+    /// and counted in `fleetpipe_frames_clock_ahead_total`.
+    #[serde(rename = "max_ahead_s", deserialize_with = "secs_as_micros")]
+    pub max_ahead_us: Micros,
 }
 
 impl Default for Rules {
     fn default() -> Self {
-        Rules { max_future_us: 24 * 3600 * 1_000_000, min_ts: None, max_payload_bytes: 16 * 1024 * 1024 }
+        Rules {
+            max_future_us: 24 * 3600 * 1_000_000,
+            min_ts: None,
+            max_payload_bytes: 16 * 1024 * 1024,
+            max_frames_per_message: 10_000,
+            max_ahead_us: 300 * 1_000_000,
+        }
     }
+}
+
+/// Whether `frame` is so far ahead of the clock that received it that it must not become
+/// latest state (CONTRACT.md §1): `ts > received_at + max_ahead`.
+pub fn is_clock_ahead(frame: &Frame, max_ahead_us: Micros) -> bool {
+    frame.ts > frame.received_at.saturating_add(max_ahead_us)
 }
 
 fn secs_as_micros<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Micros, D::Error> {
@@ -192,6 +212,12 @@ pub fn location(l: &Location) -> Check {
 
 /// Diagnostic ranges and DTCs (not `signals`: see [`signals`]).
 pub fn diagnostic(d: &Diagnostic) -> Check {
+    if d.is_empty() {
+        return Err((
+            Reason::EmptyFrame,
+            "diagnostic frame carries no diagnostic field (no measure, no dtcs, no signals)".to_owned(),
+        ));
+    }
     for m in &Diagnostic::MEASURES {
         optional(m.name, (m.get)(d), m.range)?;
     }

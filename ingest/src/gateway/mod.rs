@@ -149,10 +149,19 @@ pub struct GatewaySource {
     secure: Option<std::net::TcpListener>,
 }
 
+/// Pending connections the kernel queues per listener. std's 128 drops SYNs in a connect burst
+/// (each dropped one costs its vehicle a 1 s retransmit).
+const BACKLOG: i32 = 4096;
+
 fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr).map_err(|source| Error::GatewayAddrInUse { addr, source })?;
-    l.set_nonblocking(true).map_err(|source| Error::GatewayAddrInUse { addr, source })?;
-    Ok(l)
+    use socket2::{Domain, Socket, Type};
+    let fail = |source| Error::GatewayAddrInUse { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
+    socket.set_reuse_address(true).map_err(fail)?;
+    socket.bind(&addr.into()).map_err(fail)?;
+    socket.listen(BACKLOG).map_err(fail)?;
+    socket.set_nonblocking(true).map_err(fail)?;
+    Ok(socket.into())
 }
 
 impl GatewaySource {
@@ -288,6 +297,10 @@ mod run {
                     .set_max_receive(shared.receive_maximum)
                     .set_max_receive_size(cfg.inflight_bytes.max(64 * 1024))
                     .set_max_qos(ntex_mqtt::QoS::AtLeastOnce)
+                    // What a client sent before it closed is still handled: a QoS 0 frame read
+                    // from the socket is stored, and a QoS 1 frame is stored (its PUBACK has
+                    // nowhere to go; the client resends it and de-duplication folds it).
+                    .set_handle_qos_after_disconnect(Some(ntex_mqtt::QoS::ExactlyOnce))
                     .set_connect_timeout(Seconds(cfg.connect_timeout_secs.max(1)))
                     .protocol_version_timeout(Seconds(cfg.connect_timeout_secs.max(1))),
             )
@@ -347,7 +360,6 @@ mod run {
                             .name("gateway")
                             .workers(workers)
                             .maxconn(maxconn.div_ceil(workers))
-                            .backlog(4096)
                             .disable_signals()
                             .shutdown_timeout(Seconds(5));
                         if let Some(l) = plain {

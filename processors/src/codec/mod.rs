@@ -189,13 +189,27 @@ impl<'a> Ctx<'a> {
     }
 
     /// Records frame `index` of the message: accepted, or rejected with `raw()` as its bytes.
+    /// Returns `false` once the message is over [`Rules::max_frames_per_message`]: the frame at
+    /// the limit and everything after it are one `too_many_frames` rejection (one received
+    /// frame, without bytes), and the codec stops.
+    #[must_use]
     pub(crate) fn push(
         &self,
         out: &mut Decoded,
         index: usize,
         raw: impl FnOnce() -> Bytes,
         result: Result<Frame, Fail>,
-    ) {
+    ) -> bool {
+        let max = self.rules.max_frames_per_message;
+        if index >= max {
+            out.received = out.received.saturating_add(1);
+            let detail = format!(
+                "the message holds more than {max} frames (validate.max_frames_per_message): frame {index} and all after it are refused"
+            );
+            let index = Some(u32::try_from(index).unwrap_or(u32::MAX));
+            out.rejections.push(self.rejection(Reason::TooManyFrames, detail, index, Bytes::new()));
+            return false;
+        }
         out.received = out.received.saturating_add(1);
         let result = match &self.topic {
             TopicRule::Invalid(topic) => Err(invalid_topic(topic)),
@@ -209,6 +223,7 @@ impl<'a> Ctx<'a> {
                 out.rejections.push(r);
             }
         }
+        true
     }
 
     /// Records a payload that could not be split into frames: one rejection, counted as one
@@ -245,6 +260,10 @@ pub fn decode_message(msg: &Message<'_>, rules: &Rules) -> Decoded {
         );
         return out;
     }
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        ctx.reject_whole(&mut out, Reason::EmptyFrame, "empty payload".to_owned());
+        return out;
+    }
     let declared = match msg.content_type.map(from_content_type).transpose() {
         Ok(declared) => declared.flatten(),
         Err(e) => {
@@ -252,30 +271,34 @@ pub fn decode_message(msg: &Message<'_>, rules: &Rules) -> Decoded {
             return out;
         }
     };
-    let encoding = match declared {
-        Some(enc) => enc,
+    match declared {
+        Some(enc) => decode_as(&ctx, &mut out, enc),
         None => match sniff_bytes(payload) {
-            Sniffed::Known(enc) => enc,
+            Sniffed::Known(enc) => decode_as(&ctx, &mut out, enc),
             Sniffed::Ambiguous => match decode_batch(payload) {
-                Ok(batch) => {
-                    proto::decode(&ctx, &mut out, &batch);
-                    return out;
-                }
-                Err(_) => Encoding::Json,
+                Ok(batch) => proto::decode(&ctx, &mut out, &batch),
+                Err(_) => decode_as(&ctx, &mut out, Encoding::Json),
             },
         },
-    };
+    }
+    if out.received == 0 {
+        // `[]`, blank NDJSON, an empty FrameBatch: nothing is dropped without a trace.
+        ctx.reject_whole(&mut out, Reason::EmptyFrame, "the message holds no frame".to_owned());
+    }
+    out
+}
+
+fn decode_as(ctx: &Ctx<'_>, out: &mut Decoded, encoding: Encoding) {
     match encoding {
-        Encoding::Json => json::decode(&ctx, &mut out, false),
-        Encoding::Ndjson => json::decode(&ctx, &mut out, true),
-        Encoding::Protobuf => match decode_batch(payload) {
-            Ok(batch) => proto::decode(&ctx, &mut out, &batch),
+        Encoding::Json => json::decode(ctx, out, false),
+        Encoding::Ndjson => json::decode(ctx, out, true),
+        Encoding::Protobuf => match decode_batch(ctx.payload) {
+            Ok(batch) => proto::decode(ctx, out, &batch),
             Err(e) => ctx.reject_whole(
-                &mut out,
+                out,
                 Reason::MalformedProtobuf,
                 format!("not a fleetpipe.v1.FrameBatch: {e}"),
             ),
         },
     }
-    out
 }

@@ -238,7 +238,9 @@ fn measures_to_pb(d: &Diagnostic) -> pb::Diagnostic {
 pub(crate) fn decode(ctx: &Ctx<'_>, out: &mut Decoded, batch: &pb::FrameBatch) {
     for (i, f) in batch.frames.iter().enumerate() {
         let result = build(ctx, f);
-        ctx.push(out, i, || Bytes::from(f.encode_to_vec()), result);
+        if !ctx.push(out, i, || Bytes::from(f.encode_to_vec()), result) {
+            break;
+        }
     }
 }
 

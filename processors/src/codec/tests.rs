@@ -199,9 +199,17 @@ fn null_fields_are_absent() {
     assert_eq!(f.seq, 0);
     assert_eq!(f.body, Body::Location(Location { lat: 1.0, lon: 2.0, ..Location::default() }));
     let f = one_frame(http(
-        r#"{"vehicle_id":"V1","ts":1795640400250,"kind":"diagnostic","dtcs":null,"signals":null,"mil_on":null}"#,
+        r#"{"vehicle_id":"V1","ts":1795640400250,"kind":"diagnostic","engine_rpm":800,"dtcs":null,"signals":null,"mil_on":null}"#,
     ));
-    assert_eq!(f.body, Body::Diagnostic(Box::default()));
+    assert_eq!(
+        f.body,
+        Body::Diagnostic(Box::new(Diagnostic { engine_rpm: Some(800.0), ..Diagnostic::default() }))
+    );
+    // With nothing but nulls, a diagnostic frame says nothing: empty_frame (CONTRACT.md §1).
+    let d = http(
+        r#"{"vehicle_id":"V1","ts":1795640400250,"kind":"diagnostic","dtcs":null,"signals":null,"mil_on":null}"#,
+    );
+    assert_eq!(reasons(&d), vec![Reason::EmptyFrame]);
 }
 
 #[test]
@@ -260,9 +268,10 @@ fn an_array_decodes_every_element() {
 }
 
 #[test]
-fn an_empty_array_holds_no_frames() {
+fn an_empty_array_is_one_empty_frame_rejection() {
     let d = http(" [ ] ");
-    assert_eq!((d.received, d.frames.len(), d.rejections.len()), (0, 0, 0));
+    assert_eq!((d.received, d.frames.len()), (1, 0));
+    assert_eq!(reasons(&d), vec![Reason::EmptyFrame]);
 }
 
 #[test]
@@ -532,6 +541,26 @@ fn every_rejection_reason_is_reported() {
             index: None,
             ..case("unsupported content type", LOC, Reason::UnsupportedContentType)
         },
+        Case { index: None, ..case("empty payload", "", Reason::EmptyFrame) },
+        Case { index: None, ..case("blank payload", " \n\t ", Reason::EmptyFrame) },
+        Case { index: None, ..case("an empty array", "[]", Reason::EmptyFrame) },
+        Case {
+            origin: on_topic("vehicles/V1/diagnostic"),
+            ..case(
+                "a location payload on the diagnostic topic",
+                r#"{"vehicle_id":"V1","ts":1795640400250,"lat":56.1,"lon":10.2}"#,
+                Reason::EmptyFrame,
+            )
+        },
+        case(
+            "a diagnostic frame with no diagnostic field",
+            r#"{"vehicle_id":"V1","ts":1795640400250,"kind":"diagnostic"}"#,
+            Reason::EmptyFrame,
+        ),
+        Case {
+            rules: Rules { max_frames_per_message: 0, ..Rules::default() },
+            ..case("too many frames", LOC, Reason::TooManyFrames)
+        },
     ];
     let mut seen = std::collections::HashSet::new();
     for c in cases {
@@ -566,6 +595,8 @@ fn every_rejection_reason_is_reported() {
                 "oversized",
                 "invalid_topic",
                 "unsupported_content_type",
+                "empty_frame",
+                "too_many_frames",
             ]
             .get(i)
             .and_then(|c| Reason::from_code(c))
@@ -761,9 +792,12 @@ fn json_with_leading_whitespace_is_json() {
 }
 
 #[test]
-fn an_empty_payload_holds_no_frames() {
-    let d = http("");
-    assert_eq!((d.received, d.frames.len()), (0, 0));
+fn an_empty_payload_is_one_empty_frame_rejection() {
+    for payload in ["", "\n", "  \r\n "] {
+        let d = http(payload);
+        assert_eq!((d.received, d.frames.len()), (1, 0));
+        assert_eq!(reasons(&d), vec![Reason::EmptyFrame], "{payload:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -871,4 +905,36 @@ fn deeply_nested_input_is_rejected_without_overflowing_the_stack() {
     assert_eq!(d.rejections.len(), 1);
     let deep = format!(r#"{{"x":{}1{}}}"#, "[".repeat(100_000), "]".repeat(100_000));
     assert_eq!(http(&deep).frames, vec![]);
+}
+
+#[test]
+fn frames_past_the_per_message_limit_are_one_rejection_and_decoding_stops() {
+    let rules = Rules { max_frames_per_message: 3, ..Rules::default() };
+    let one = r#"{"vehicle_id":"V1","ts":1795640400250,"kind":"location","lat":1,"lon":2}"#;
+    let array = format!("[{}]", [one; 10].join(","));
+    let ndjson = [one; 10].join("\n");
+    let bad_array = format!("[{}]", ["{}"; 10].join(","));
+    for (name, payload) in [("array", array), ("ndjson", ndjson), ("array of bad frames", bad_array)] {
+        let d = msg_with(payload.as_bytes(), None, &Origin::Http, &rules);
+        assert_eq!(d.received, 4, "{name}: three frames and the excess");
+        let last = d.rejections.last().unwrap();
+        assert_eq!((last.reason, last.index), (Reason::TooManyFrames, Some(3)), "{name}");
+        assert!(last.raw.is_empty(), "{name}: the excess is not copied");
+    }
+    let frames: Vec<Frame> = (0..10).map(|i| Frame { seq: i, ..loc_frame() }).collect();
+    let proto = encode_protobuf(&frames);
+    let d = msg_with(&proto, Some("application/x-protobuf"), &Origin::Http, &rules);
+    assert_eq!((d.frames.len(), d.rejections.len()), (3, 1));
+}
+
+#[test]
+fn a_diagnostic_frame_with_only_an_empty_dtc_list_or_mil_is_not_empty() {
+    for payload in [
+        r#"{"vehicle_id":"V1","ts":1795640400250,"kind":"diagnostic","dtcs":[]}"#,
+        r#"{"vehicle_id":"V1","ts":1795640400250,"kind":"diagnostic","mil_on":false}"#,
+        r#"{"vehicle_id":"V1","ts":1795640400250,"kind":"diagnostic","signals":{"Vehicle.Speed":1}}"#,
+    ] {
+        let d = msg_with(payload.as_bytes(), None, &Origin::Http, &Rules::default());
+        assert_eq!((d.frames.len(), d.rejections.len()), (1, 0), "{payload}: {:?}", d.rejections);
+    }
 }

@@ -326,4 +326,13 @@ impl<F: Format> Sink for RollingSink<F> {
     fn flush(&mut self) -> Result<(), SinkError> {
         Ok(self.flush_all()?)
     }
+
+    /// A poisoned sink has already dropped its uncommitted generation; it starts over from its
+    /// checkpoint (a full disk that has room again, a device that came back).
+    fn recover(&mut self) -> Result<bool, SinkError> {
+        let Some(detail) = self.poisoned.take() else { return Ok(false) };
+        tracing::info!(sink = F::SINK, durable = self.durable, cause = %detail, "file sink starts over from its checkpoint");
+        self.last_lsn = self.durable;
+        Ok(true)
+    }
 }

@@ -34,6 +34,8 @@ pub struct PostgresReader {
     url: Arc<str>,
     queries: Arc<Queries>,
     client: Arc<RwLock<Option<Arc<Client>>>>,
+    /// `validate.max_ahead_s`: a row further ahead of its `received_at` is never latest.
+    max_ahead_secs: f64,
 }
 
 /// The reader's statements, made once for its schema.
@@ -48,7 +50,9 @@ fn err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
 }
 
 impl PostgresReader {
-    pub fn new(url: &str, schema: &str) -> Result<PostgresReader> {
+    /// `max_ahead_us`: `validate.max_ahead_s` (a row further ahead of its `received_at` is
+    /// never served as latest state).
+    pub fn new(url: &str, schema: &str, max_ahead_us: Micros) -> Result<PostgresReader> {
         validate_schema_name(schema).map_err(Error::PostgresSchema)?;
         let queries = Queries {
             latest_location: query(LATEST_SQL, schema, Kind::Location),
@@ -59,6 +63,7 @@ impl PostgresReader {
             url: url.into(),
             queries: Arc::new(queries),
             client: Arc::new(RwLock::new(None)),
+            max_ahead_secs: max_ahead_us as f64 / 1e6,
         })
     }
 
@@ -85,10 +90,15 @@ impl PostgresReader {
     pub async fn latest(&self, vehicle_id: &str) -> Result<Option<VehicleState>> {
         let c = self.client().await?;
         let q = &self.queries;
-        let loc =
-            c.query_opt(&q.latest_location, &[&vehicle_id]).await.map_err(err("read latest location"))?;
-        let diag =
-            c.query_opt(&q.latest_diagnostic, &[&vehicle_id]).await.map_err(err("read latest diagnostic"))?;
+        let ahead = &self.max_ahead_secs;
+        let loc = c
+            .query_opt(&q.latest_location, &[&vehicle_id, ahead])
+            .await
+            .map_err(err("read latest location"))?;
+        let diag = c
+            .query_opt(&q.latest_diagnostic, &[&vehicle_id, ahead])
+            .await
+            .map_err(err("read latest diagnostic"))?;
         if loc.is_none() && diag.is_none() {
             return Ok(None);
         }

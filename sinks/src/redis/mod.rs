@@ -74,6 +74,10 @@ pub struct RedisConfig {
     /// Most vehicles remembered while the breaker is open, for the refill (default 100,000).
     #[serde(skip)]
     pub max_pending_vehicles: usize,
+    /// `validate.max_ahead_s` (microseconds): a frame further ahead of its `received_at` never
+    /// becomes the vehicle's state here.
+    #[serde(skip)]
+    pub max_ahead_us: i64,
 }
 
 impl RedisConfig {
@@ -96,6 +100,7 @@ impl Default for RedisConfig {
             breaker_open_for: Duration::from_secs(5),
             io_timeout: Duration::from_secs(2),
             max_pending_vehicles: 100_000,
+            max_ahead_us: fleetpipe_processors::validate::Rules::default().max_ahead_us,
         }
     }
 }

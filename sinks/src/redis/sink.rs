@@ -243,7 +243,8 @@ impl RedisL2Sink {
     /// remembers when it is not.
     fn apply(&mut self, frames: &[Frame], now: Instant) {
         let mut reduced: Reduced<'_> = HashMap::new();
-        for f in frames {
+        let ahead = self.cfg.max_ahead_us;
+        for f in frames.iter().filter(|f| !fleetpipe_processors::validate::is_clock_ahead(f, ahead)) {
             fold_in(&mut reduced, f);
         }
         if !self.ready(now) {

@@ -185,7 +185,9 @@ fn values(ctx: &Ctx<'_>, out: &mut Decoded, ndjson: bool) {
                 let end = stream.byte_offset();
                 let result = build(ctx, &mut w);
                 let raw = || sub_bytes(ctx.payload, trim_ws(p.get(start..end).unwrap_or_default()));
-                ctx.push(out, index, raw, result);
+                if !ctx.push(out, index, raw, result) {
+                    return;
+                }
             }
             Some(Err(e)) => {
                 let rest = p.get(start..).unwrap_or_default();
@@ -194,7 +196,8 @@ fn values(ctx: &Ctx<'_>, out: &mut Decoded, ndjson: bool) {
                 } else if index == 0 && e.classify() != serde_json::error::Category::Data {
                     ctx.reject_whole(out, Reason::MalformedJson, e.to_string());
                 } else {
-                    ctx.push(out, index, || sub_bytes(ctx.payload, trim_ws(rest)), Err(json_error(&e)));
+                    let _ =
+                        ctx.push(out, index, || sub_bytes(ctx.payload, trim_ws(rest)), Err(json_error(&e)));
                 }
                 return;
             }
@@ -230,7 +233,9 @@ fn lines(ctx: &Ctx<'_>, out: &mut Decoded, region: &[u8], first_index: usize) {
             Ok(mut w) => build(ctx, &mut w),
             Err(e) => Err(json_error(&e)),
         };
-        ctx.push(out, index, || sub_bytes(ctx.payload, line), result);
+        if !ctx.push(out, index, || sub_bytes(ctx.payload, line), result) {
+            return;
+        }
         index += 1;
     }
 }
@@ -245,7 +250,7 @@ fn array(ctx: &Ctx<'_>, out: &mut Decoded) {
         out.frames.reserve(wires.len());
         for (i, mut w) in wires.into_iter().enumerate() {
             let result = build(ctx, &mut w);
-            ctx.push(
+            let more = ctx.push(
                 out,
                 i,
                 || {
@@ -257,6 +262,9 @@ fn array(ctx: &Ctx<'_>, out: &mut Decoded) {
                 },
                 result,
             );
+            if !more {
+                break;
+            }
         }
         return;
     }
@@ -268,7 +276,9 @@ fn array(ctx: &Ctx<'_>, out: &mut Decoded) {
                     Ok(mut w) => build(ctx, &mut w),
                     Err(e) => Err(json_error(&e)),
                 };
-                ctx.push(out, i, || sub_bytes(ctx.payload, raw.get().as_bytes()), result);
+                if !ctx.push(out, i, || sub_bytes(ctx.payload, raw.get().as_bytes()), result) {
+                    break;
+                }
             }
         }
         Err(e) => ctx.reject_whole(out, Reason::MalformedJson, e.to_string()),

@@ -1,2 +1,5 @@
 -- A vehicle's newest row of a kind (by ts, then seq): the last tier of the latest-state read.
-SELECT {select} FROM {schema}.{table} WHERE vehicle_id = $1 ORDER BY ts DESC, seq DESC LIMIT 1
+-- A row whose ts was more than $2 seconds ahead of the clock that received it never is.
+SELECT {select} FROM {schema}.{table}
+WHERE vehicle_id = $1 AND ts <= received_at + make_interval(secs => $2)
+ORDER BY ts DESC, seq DESC LIMIT 1
