@@ -47,12 +47,14 @@ start_mosquitto
 # Starts a fleetpipe gateway with a fresh data directory: sets FP, GW_PORT, HTTP_URL.
 # $1 = auth mode (token|none), $2 = max_connections.
 gateway_up() {
-  local http; http="$(free_port)"; GW_PORT="$(free_port)"
+  local http admin; http="$(free_port)"; admin="$(free_port)"; GW_PORT="$(free_port)"
   local data; data="$(mktemp -d -p "$WORK" data.XXXX)"
   cat > "$WORK/fleetpipe.toml" <<CONF
 data_dir = "$data"
 [http]
 addr = "127.0.0.1:$http"
+# With token auth /metrics asks for a token; the open admin listener does not.
+admin_addr = "127.0.0.1:$admin"
 [gateway]
 listen = "127.0.0.1:$GW_PORT"
 max_connections = ${2:-18000}
@@ -65,6 +67,7 @@ CONF
   RUST_LOG=warn "$BIN/fleetpipe" run --config "$WORK/fleetpipe.toml" 2>> "$WORK/fleetpipe.log" & FP=$!
   PIDS+=("$FP")
   HTTP_URL="http://127.0.0.1:$http"
+  METRICS_URL="http://127.0.0.1:$admin/metrics"
   wait_ready "$HTTP_URL"
 }
 gateway_down() { kill -TERM "$FP" 2>/dev/null || true; wait "$FP" 2>/dev/null || true; }
@@ -121,7 +124,7 @@ measure() {
       if [ "$qos" = 1 ]; then
         read -r start end < <(publishers "$kind" 1 "$GW_PORT" auth)
       else
-        "$LOAD" wait-metric --timeout 300 --url "$HTTP_URL/metrics" \
+        "$LOAD" wait-metric --timeout 300 --url "$METRICS_URL" \
           --name 'fleetpipe_frames_written_total{sink="wal"}' --value "$FRAMES" > "$WORK/wal.out" & local w=$!
         read -r start _ < <(publishers "$kind" 0 "$GW_PORT" auth)
         wait "$w"; end=$(awk '/^end/{print $2}' "$WORK/wal.out")
