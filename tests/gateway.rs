@@ -357,8 +357,10 @@ async fn kill_9_while_paho_publishes_loses_no_acknowledged_frame_and_the_resends
         "--timeout",
         "180",
     ]);
-    wait_for("10,000 acknowledged", Duration::from_secs(60), || (line_count(&acked) >= 10_000).then_some(()))
-        .await;
+    wait_for("10,000 acknowledged", Duration::from_secs(150), || {
+        (line_count(&acked) >= 10_000).then_some(())
+    })
+    .await;
     fp.kill9();
     let acked_before = line_count(&acked);
     assert!(acked_before < 50_000, "killed mid-stream");

@@ -69,3 +69,152 @@ async fn a_gateway_port_in_use_is_a_clear_error_that_says_how_to_use_that_broker
     assert!(err.contains("FLEETPIPE_MQTT_URL"), "{err}");
     assert!(err.contains(&taken.local_addr().unwrap().to_string()), "{err}");
 }
+
+/// Reads until the peer closes (or `within` passes); whether it closed, and what it sent.
+fn read_until_closed(s: &mut std::net::TcpStream, within: Duration) -> (bool, Vec<u8>) {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (true, got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (true, got),
+            Err(_) => return (false, got),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_slow_header_and_slow_body_http_connections_are_closed_after_their_timeouts() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), None);
+    cfg.http.header_timeout_secs = 1.0;
+    cfg.http.body_timeout_secs = 1.0;
+    let running = start(cfg).await;
+    let addr = running.http_addr;
+
+    // Idle: nothing sent at all.
+    let mut idle = std::net::TcpStream::connect(addr).unwrap();
+    // Slow headers: one byte every 200 ms, for ever.
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    let dripper = {
+        let mut s = slow.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for b in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: ".iter().chain(std::iter::repeat(&b'a')) {
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    // Slow body: the headers promise 1,000 bytes, 10 arrive.
+    let mut body = std::net::TcpStream::connect(addr).unwrap();
+    body.write_all(
+        b"POST /v1/frames HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"vehicle",
+    )
+    .unwrap();
+
+    assert!(read_until_closed(&mut idle, Duration::from_secs(20)).0, "an idle connection is closed");
+    assert!(read_until_closed(&mut slow, Duration::from_secs(20)).0, "a slow-header connection is closed");
+    let (closed, answer) = read_until_closed(&mut body, Duration::from_secs(20));
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "a slow body gets 408: {answer}");
+    assert!(closed || answer.contains("timeout"));
+    dripper.join().unwrap();
+    // And the API still serves.
+    let (status, _) = http_get(addr, "/health").await;
+    assert_eq!(status, 200);
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_http_connection_cap_a_new_connection_gets_503_and_the_admin_listener_still_answers() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), None);
+    cfg.http.max_connections = 20;
+    cfg.http.admin_addr = Some(([127, 0, 0, 1], free_port()).into());
+    let admin = cfg.http.admin_addr.unwrap();
+    let running = start(cfg).await;
+    let addr = running.http_addr;
+    // Each held connection has sent a request and been answered: it is open and counted.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 256];
+        std::io::Read::read(&mut s, &mut buf).unwrap();
+        assert!(buf.starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    let mut extra = std::net::TcpStream::connect(addr).unwrap();
+    let (closed, answer) = read_until_closed(&mut extra, Duration::from_secs(20));
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(closed && answer.starts_with("http/1.1 503") && answer.contains("retry-after: 1"), "{answer}");
+    let (status, _) = http_get(admin, "/health").await;
+    assert_eq!(status, 200, "the admin listener answers while the API is full");
+    let text = reqwest::get(format!("http://{admin}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metric(&text, "fleetpipe_http_connections_refused_total{listener=\"api\"}") >= 1.0);
+    // Once they close, new connections are served again.
+    drop(held);
+    wait_for("the API to take connections again", Duration::from_secs(20), || {
+        let mut s = std::net::TcpStream::connect(addr).ok()?;
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let (_, answer) = read_until_closed(&mut s, Duration::from_secs(5));
+        answer.starts_with(b"HTTP/1.1 200").then_some(())
+    })
+    .await;
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_gateway_connection_cap_connects_are_refused_and_a_connected_vehicle_goes_on() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), None);
+    cfg.gateway.max_connections = 50;
+    let running = start(cfg).await;
+    let port = running.mqtt_addr.unwrap().port();
+    let mut vehicle = Publisher::connect(port).await;
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..60 {
+        let id = format!("FLOOD-{i}");
+        let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+        connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        connect.extend_from_slice(id.as_bytes());
+        let mut pkt = vec![0x10, connect.len() as u8];
+        pkt.extend(connect);
+        let mut s = std::net::TcpStream::connect(running.mqtt_addr.unwrap()).unwrap();
+        s.write_all(&pkt).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack).unwrap();
+        match connack {
+            [0x20, 2, _, 0] => accepted.push(s),
+            [0x20, 2, _, 3] => refused += 1, // server unavailable
+            other => panic!("unexpected CONNACK {other:?}"),
+        }
+    }
+    assert_eq!((accepted.len(), refused), (49, 11), "50 connections with the vehicle's own");
+    let text =
+        reqwest::get(format!("http://{}/metrics", running.http_addr)).await.unwrap().text().await.unwrap();
+    assert_eq!(metric(&text, "fleetpipe_gateway_connects_total{result=\"busy\"}"), 11.0);
+    // The vehicle already connected is unaffected.
+    let frame =
+        json!({"vehicle_id": "FLOOD-V", "ts": "2026-11-25T21:00:00Z", "seq": 1, "lat": 56.1, "lon": 10.2});
+    vehicle.publish("vehicles/FLOOD-V/location", serde_json::to_vec(&frame).unwrap()).await;
+    vehicle.all_acked().await;
+    let rows = wait_for("its frame stored", Duration::from_secs(30), || {
+        let rows = read_parquet(dir.path(), "locations");
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert_eq!(rows.len(), 1);
+    drop(accepted);
+    running.stop().await.unwrap();
+}

@@ -9,14 +9,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use fleetpipe_pipeline::{
-    now_micros, BoxError, Entry, Intake, NotDurable, Pushback, Readiness, Source, SourceContext, Submission,
+    now_micros, BoxError, Entry, Intake, NotDurable, Pushback, Readiness, Shutdown, Source, SourceContext,
+    Submission,
 };
 use fleetpipe_processors::codec::{decode_message, frame_to_value, Message};
 use fleetpipe_processors::latest::{LatestCache, VehicleState};
@@ -43,6 +43,14 @@ pub struct HttpConfig {
     /// An open listener for `/metrics`, `/health` and `/ready` only (Prometheus inside the
     /// cluster), beside the main one, which then still asks a token for `/metrics`.
     pub admin_addr: Option<SocketAddr>,
+    /// Most connections open at once on each listener; past it a new one gets `503` with
+    /// `Retry-After` and is closed.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this long (seconds) of the connection being
+    /// ready for them: bounds slow headers and idle keep-alive connections alike.
+    pub header_timeout_secs: f64,
+    /// A request's body must arrive within this long (seconds), else `408`.
+    pub body_timeout_secs: f64,
 }
 
 impl Default for HttpConfig {
@@ -52,6 +60,9 @@ impl Default for HttpConfig {
             max_body_bytes: 16 << 20,
             auth_token: None,
             admin_addr: None,
+            max_connections: 10_000,
+            header_timeout_secs: 10.0,
+            body_timeout_secs: 30.0,
         }
     }
 }
@@ -133,6 +144,8 @@ pub struct ApiState {
     pub reads: Arc<dyn ReadPath>,
     /// Request body limit (413 past it).
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive (408 past it).
+    pub body_timeout: Duration,
     /// Bearer token required on `POST /v1/frames` when set.
     pub auth_token: Option<Arc<str>>,
     /// With `[auth] mode = "token"`: credentials, one of which a request's bearer token must be.
@@ -203,6 +216,7 @@ impl Source for HttpSource {
             rules: ctx.rules,
             reads: self.reads,
             max_body_bytes: self.cfg.max_body_bytes,
+            body_timeout: secs(self.cfg.body_timeout_secs),
             auth_token: self.cfg.auth_token.as_deref().map(Arc::from),
             credentials: self.credentials,
             render_metrics: self.render_metrics,
@@ -210,20 +224,98 @@ impl Source for HttpSource {
             pushback: ctx.pushback,
         };
         ctx.ready.set(true);
+        let limits = Limits {
+            max_connections: self.cfg.max_connections.max(1),
+            header_timeout: secs(self.cfg.header_timeout_secs),
+        };
         if let Some(admin) = self.admin {
             let (app, stop) = (admin_router(state.clone()), ctx.shutdown.clone());
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(admin, app).with_graceful_shutdown(stop.wait()).await {
-                    tracing::error!(error = %e, "admin listener failed");
-                }
-            });
+            tokio::spawn(serve(admin, app, limits, "admin", stop));
         }
-        let addr = self.cfg.addr;
-        axum::serve(self.listener, router(state))
-            .with_graceful_shutdown(ctx.shutdown.wait())
-            .await
-            .map_err(|source| Error::Listen { addr, source })
+        serve(self.listener, router(state), limits, "api", ctx.shutdown).await;
+        Ok(())
     }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.clamp(0.001, 1e6))
+}
+
+/// What one listener allows.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_connections: usize,
+    header_timeout: Duration,
+}
+
+/// A listener's accept loop: at most `max_connections` open (past it, `503` and close), every
+/// connection's headers within `header_timeout` (slow and idle connections are closed), accept
+/// errors (out of descriptors) logged at most once a second with a count. On shutdown it stops
+/// accepting and waits up to [`DRAIN_GRACE`] for the requests in flight.
+async fn serve(listener: TcpListener, app: Router, limits: Limits, name: &'static str, stop: Shutdown) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = metrics::gauge!("fleetpipe_http_connections", "listener" => name);
+    let refused = metrics::counter!("fleetpipe_http_connections_refused_total", "listener" => name);
+    let mut accept_errors = fleetpipe_pipeline::Throttle::new(Duration::from_secs(1));
+    let stop = stop.wait();
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    if let Some(held_back) = accept_errors.allow() {
+                        tracing::warn!(listener = name, error = %e, held_back, "http accept failed");
+                    }
+                    // Out of descriptors: give the ones in use a moment to close.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            refused.increment(1);
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), refuse(stream)).await;
+            });
+            continue;
+        };
+        connections.set((limits.max_connections - permits.available_permits()) as f64);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .serve_connection(
+                TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(app.clone()),
+            );
+        let conn = graceful.watch(conn);
+        let (gauge, permits, max) = (connections.clone(), permits.clone(), limits.max_connections);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+            gauge.set((max - permits.available_permits()) as f64);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!(listener = name, "requests still open after the drain grace period");
+    }
+}
+
+/// The answer past the connection cap.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = br#"{"error":"overloaded","detail":"too many connections"}"#;
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body).await;
+    let _ = stream.shutdown().await;
 }
 
 /// The API. With a token configured (`http.auth_token` or `[auth] mode = "token"`) every
@@ -341,7 +433,7 @@ fn confine(decoded: &mut Decoded, identity: &Identity) {
     }
 }
 
-async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: axum::body::Body) -> Response {
     let identity = match authenticate(&st, &headers) {
         Ok(identity) => identity,
         Err(reason) => return unauthorized(reason),
@@ -350,13 +442,29 @@ async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: Bytes
         metrics::counter!("fleetpipe_http_overloaded_total").increment(1);
         return overloaded("the write-ahead log cannot be written (disk full or failing); retry later");
     }
-    if body.len() > st.max_body_bytes {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("limit {} bytes", st.max_body_bytes),
-        );
+    let too_large =
+        || error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("limit {} bytes", st.max_body_bytes));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > st.max_body_bytes) {
+        return too_large();
     }
+    let body =
+        match tokio::time::timeout(st.body_timeout, axum::body::to_bytes(body, st.max_body_bytes)).await {
+            Ok(Ok(body)) => body,
+            // Over the limit (or the client went away mid-body).
+            Ok(Err(_)) => return too_large(),
+            Err(_) => {
+                metrics::counter!("fleetpipe_http_timeouts_total").increment(1);
+                return error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!("the body did not arrive within {} s", st.body_timeout.as_secs_f64()),
+                );
+            }
+        };
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let received_at = now_micros();
     let rules = st.rules.clone();

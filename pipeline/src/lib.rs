@@ -33,6 +33,7 @@ mod record;
 mod shard;
 pub mod sink;
 pub mod source;
+pub mod throttle;
 pub mod wal;
 mod writer;
 
@@ -50,6 +51,7 @@ use tokio::sync::mpsc;
 pub use entry::{now_micros, Completion, Entry, Intake, NotDurable, Submission};
 pub use sink::{BoxError, Poison, Sink, SinkError};
 pub use source::{Pushback, Readiness, Ready, Shutdown, Source, SourceContext, Sources};
+pub use throttle::Throttle;
 
 use driver::{DriverConfig, SinkHandle};
 use wal::{Wal, WalConfig};
@@ -163,6 +165,13 @@ pub struct Pipeline {
     reseq: JoinHandle<()>,
     sinks: Vec<SinkHandle>,
     acker: Option<JoinHandle<()>>,
+}
+
+/// Decodes one write-ahead log record as the replay does: the number of frames and rejections
+/// it holds, or why it is not a record fleetpipe wrote. For the fuzz targets (`fuzz/`).
+#[doc(hidden)]
+pub fn decode_log_record(payload: &[u8]) -> std::result::Result<(usize, usize), String> {
+    record::decode(payload).map(|e| (e.frames.len(), e.rejections.len())).map_err(|e| e.to_string())
 }
 
 fn spawn<T: Send + 'static>(
