@@ -275,8 +275,8 @@ pub fn decode_message(msg: &Message<'_>, rules: &Rules) -> Decoded {
         Some(enc) => decode_as(&ctx, &mut out, enc),
         None => match sniff_bytes(payload) {
             Sniffed::Known(enc) => decode_as(&ctx, &mut out, enc),
-            Sniffed::Ambiguous => match decode_batch(payload) {
-                Ok(batch) => proto::decode(&ctx, &mut out, &batch),
+            Sniffed::Ambiguous => match proto::decode_batch_capped(payload, rules.max_frames_per_message) {
+                Ok((batch, more)) => proto::decode_capped(&ctx, &mut out, &batch, more),
                 Err(_) => decode_as(&ctx, &mut out, Encoding::Json),
             },
         },
@@ -292,8 +292,9 @@ fn decode_as(ctx: &Ctx<'_>, out: &mut Decoded, encoding: Encoding) {
     match encoding {
         Encoding::Json => json::decode(ctx, out, false),
         Encoding::Ndjson => json::decode(ctx, out, true),
-        Encoding::Protobuf => match decode_batch(ctx.payload) {
-            Ok(batch) => proto::decode(ctx, out, &batch),
+        Encoding::Protobuf => match proto::decode_batch_capped(ctx.payload, ctx.rules.max_frames_per_message)
+        {
+            Ok((batch, more)) => proto::decode_capped(ctx, out, &batch, more),
             Err(e) => ctx.reject_whole(
                 out,
                 Reason::MalformedProtobuf,

@@ -206,6 +206,30 @@ pub fn decode_batch(payload: &[u8]) -> Result<pb::FrameBatch, prost::DecodeError
     pb::FrameBatch::decode(payload)
 }
 
+/// [`decode_batch`] of at most the first `max` frames, and whether there were more: the rest
+/// is only skipped over (its framing checked), never decoded, so a message of a million tiny
+/// frames costs `max` frames of memory.
+pub(crate) fn decode_batch_capped(
+    payload: &[u8],
+    max: usize,
+) -> Result<(pb::FrameBatch, bool), prost::DecodeError> {
+    let mut rest = payload;
+    let mut fields = 0usize;
+    let mut cut = None;
+    while !rest.is_empty() {
+        if fields == max && cut.is_none() {
+            cut = Some(payload.len() - rest.len());
+        }
+        let (tag, wire_type) = prost::encoding::decode_key(&mut rest)?;
+        prost::encoding::skip_field(wire_type, tag, &mut rest, prost::encoding::DecodeContext::default())?;
+        fields += 1;
+    }
+    match cut {
+        Some(at) => Ok((pb::FrameBatch::decode(payload.get(..at).unwrap_or(payload))?, true)),
+        None => Ok((pb::FrameBatch::decode(payload)?, false)),
+    }
+}
+
 /// The measures of `pb::Diagnostic`, in the order of [`Diagnostic::MEASURES`] (its tags 1–8; a
 /// test checks the names).
 type PbMeasure = (&'static str, fn(&pb::Diagnostic) -> Option<f64>, fn(&mut pb::Diagnostic, Option<f64>));
@@ -232,6 +256,14 @@ fn measures_to_pb(d: &Diagnostic) -> pb::Diagnostic {
         set(&mut out, (m.get)(d));
     }
     out
+}
+
+/// [`decode`], then the excess of a batch cut at the per-message limit as one rejection.
+pub(crate) fn decode_capped(ctx: &Ctx<'_>, out: &mut Decoded, batch: &pb::FrameBatch, more: bool) {
+    decode(ctx, out, batch);
+    if more {
+        let _ = ctx.push(out, batch.frames.len(), Bytes::new, Err((Reason::TooManyFrames, String::new())));
+    }
 }
 
 /// Converts, checks and records every frame of a decoded batch.

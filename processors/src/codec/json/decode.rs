@@ -240,21 +240,61 @@ fn lines(ctx: &Ctx<'_>, out: &mut Decoded, region: &[u8], first_index: usize) {
     }
 }
 
-/// A JSON array of frames.
+/// The first `max` elements of a JSON array, and whether there were more. The rest is parsed
+/// only to find the array's end (well-formedness), never kept: a body of a million tiny
+/// elements costs `max` elements of memory, not a million.
+fn capped_array<'de, T: serde::Deserialize<'de>>(
+    p: &'de [u8],
+    max: usize,
+) -> Result<(Vec<T>, bool), serde_json::Error> {
+    struct Capped<T>(usize, std::marker::PhantomData<T>);
+    impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Capped<T> {
+        type Value = (Vec<T>, bool);
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON array of frames")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut kept = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.0).min(4096));
+            while kept.len() < self.0 {
+                match seq.next_element::<T>()? {
+                    Some(v) => kept.push(v),
+                    None => return Ok((kept, false)),
+                }
+            }
+            let mut more = false;
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                more = true;
+            }
+            Ok((kept, more))
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(p);
+    let out = serde::Deserializer::deserialize_seq(&mut de, Capped::<T>(max, std::marker::PhantomData))?;
+    de.end()?;
+    Ok(out)
+}
+
+/// A JSON array of frames: at most `max_frames_per_message` of them are decoded; the excess is
+/// one `too_many_frames` rejection.
 fn array(ctx: &Ctx<'_>, out: &mut Decoded) {
     let p: &[u8] = ctx.payload;
+    let max = ctx.rules.max_frames_per_message;
+    let excess = |out: &mut Decoded| {
+        let _ = ctx.push(out, max, Bytes::new, Err((Reason::TooManyFrames, String::new())));
+    };
     // Fast path: the whole array in one pass.
-    if let Ok(wires) = serde_json::from_slice::<Vec<Wire>>(p) {
+    if let Ok((wires, more)) = capped_array::<Wire>(p, max) {
         // Element bytes are needed only for rejections; split lazily, at most once.
         let mut raws: Option<Vec<&RawValue>> = None;
         out.frames.reserve(wires.len());
         for (i, mut w) in wires.into_iter().enumerate() {
             let result = build(ctx, &mut w);
-            let more = ctx.push(
+            let _ = ctx.push(
                 out,
                 i,
                 || {
-                    let raws = raws.get_or_insert_with(|| serde_json::from_slice(p).unwrap_or_default());
+                    let raws =
+                        raws.get_or_insert_with(|| capped_array(p, max).map(|r| r.0).unwrap_or_default());
                     match raws.get(i) {
                         Some(r) => sub_bytes(ctx.payload, r.get().as_bytes()),
                         None => ctx.payload.clone(),
@@ -262,23 +302,24 @@ fn array(ctx: &Ctx<'_>, out: &mut Decoded) {
                 },
                 result,
             );
-            if !more {
-                break;
-            }
+        }
+        if more {
+            excess(out);
         }
         return;
     }
     // Slow path: split into elements so that a bad one rejects only itself.
-    match serde_json::from_slice::<Vec<&RawValue>>(p) {
-        Ok(raws) => {
+    match capped_array::<&RawValue>(p, max) {
+        Ok((raws, more)) => {
             for (i, raw) in raws.iter().enumerate() {
                 let result = match serde_json::from_str::<Wire>(raw.get()) {
                     Ok(mut w) => build(ctx, &mut w),
                     Err(e) => Err(json_error(&e)),
                 };
-                if !ctx.push(out, i, || sub_bytes(ctx.payload, raw.get().as_bytes()), result) {
-                    break;
-                }
+                let _ = ctx.push(out, i, || sub_bytes(ctx.payload, raw.get().as_bytes()), result);
+            }
+            if more {
+                excess(out);
             }
         }
         Err(e) => ctx.reject_whole(out, Reason::MalformedJson, e.to_string()),
