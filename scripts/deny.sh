@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Licences, bans (duplicate versions, wildcards) and sources of every dependency, by cargo deny
-# (deny.toml); installs cargo-deny into ~/.cache/fleetpipe once. No network needed. The
+# (deny.toml); installs cargo-deny into ~/.cache/fleetpipe once. Needs only the crates registry (for
+# crate manifests not downloaded yet), not the advisory database. The
 # advisory check is not run here: see deny.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +11,4 @@ if ! command -v cargo-deny >/dev/null 2>&1 && [ ! -x "$CACHE/cargo-deny/bin/carg
   env -u CARGO_TARGET_DIR cargo install --locked --quiet cargo-deny --root "$CACHE/cargo-deny"
 fi
 export PATH="$CACHE/cargo-deny/bin:$PATH"
-cargo deny --offline check licenses bans sources
+cargo deny check licenses bans sources

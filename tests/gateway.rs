@@ -423,45 +423,6 @@ async fn a_burst_of_20000_one_kib_frames_with_5000_in_flight_is_stored_whole() {
     running.stop().await.unwrap();
 }
 
-/// A test CA, a server certificate for 127.0.0.1, and client certificates, made with openssl.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let sh = |script: &str| {
-            let out = Command::new("sh").arg("-c").arg(script).current_dir(d).output().unwrap();
-            assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        for ca in ["ca", "rogue"] {
-            sh(&format!(
-                "openssl req -x509 -newkey rsa:2048 -nodes -keyout {ca}.key -out {ca}.pem -days 2 -subj /CN={ca}-test-ca"
-            ));
-        }
-        sh("printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\n' > san.ext");
-        sh("printf 'basicConstraints=CA:FALSE\\nextendedKeyUsage=clientAuth\\n' > client.ext");
-        sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1");
-        sh("openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext");
-        for (name, ca, cn) in [("client", "ca", "VAN-TLS"), ("intruder", "rogue", "VAN-TLS")] {
-            sh(&format!(
-                "openssl req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={cn}"
-            ));
-            sh(&format!(
-                "openssl x509 -req -in {name}.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial -out {name}.pem -days 2 \
-                 -extfile client.ext"
-            ));
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).to_string_lossy().into_owned()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_token_and_mutual_tls_with_a_client_certificate_are_accepted_and_another_ca_is_not() {
     let pki = Pki::new();

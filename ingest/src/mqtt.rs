@@ -52,6 +52,12 @@ pub struct MqttConfig {
     pub client_id: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// TLS toward the broker (on with an `mqtts://` url): the CA that signs the broker's
+    /// certificate (PEM; unset: the system's roots), and a client certificate and key (PEM)
+    /// when the broker asks for one.
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
     /// Topic filters; the contract's default is `vehicles/+/+`.
     pub topics: Vec<String>,
     /// MQTT 5 shared-subscription group (`$share/{group}/…`) for several instances.
@@ -77,6 +83,9 @@ impl Default for MqttConfig {
             client_id: None,
             username: None,
             password: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
             topics: vec!["vehicles/+/+".into()],
             shared_group: None,
             qos: 1,
@@ -92,16 +101,75 @@ impl Default for MqttConfig {
 /// `mqtt://host:port` (or `tcp://`) → (host, port); the port defaults to 1883.
 pub fn parse_mqtt_url(url: &str) -> Result<(String, u16)> {
     let bad = |why: &str| Error::Config(format!("MQTT url {url:?} {why}"));
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| bad("must start with mqtt://"))?;
+    let (rest, default_port) = match url.strip_prefix("mqtts://").or_else(|| url.strip_prefix("ssl://")) {
+        Some(rest) => (rest, 8883),
+        None => (
+            url.strip_prefix("mqtt://")
+                .or_else(|| url.strip_prefix("tcp://"))
+                .ok_or_else(|| bad("must start with mqtt:// or mqtts://"))?,
+            1883,
+        ),
+    };
     let rest = rest.trim_end_matches('/');
     match rest.rsplit_once(':') {
         Some((h, p)) => Ok((h.to_string(), p.parse().map_err(|_| bad("has a bad port"))?)),
-        None if !rest.is_empty() => Ok((rest.to_string(), 1883)),
+        None if !rest.is_empty() => Ok((rest.to_string(), default_port)),
         None => Err(bad("has no host")),
     }
+}
+
+/// Whether `url` asks for TLS (`mqtts://`, `ssl://`).
+pub fn mqtt_url_is_tls(url: &str) -> bool {
+    url.starts_with("mqtts://") || url.starts_with("ssl://")
+}
+
+/// The TLS client configuration toward the broker: roots from `tls_ca` (else the system's),
+/// and the client certificate when one is configured.
+fn tls_client_config(cfg: &MqttConfig) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let err = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
+        Error::Tls(format!("{what} {}: {e}", path.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.tls_ca {
+        Some(ca) => {
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| err("reading the broker CA", ca, &e))? {
+                let c = c.map_err(|e| err("reading the broker CA", ca, &e))?;
+                roots.add(c).map_err(|e| err("adding the broker CA", ca, &e))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            for c in native.certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(Error::Tls("no system CA certificates found; set [mqtt] tls_ca".into()));
+            }
+        }
+    }
+    let builder =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .with_root_certificates(roots);
+    let config = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| err("reading the client certificate", cert, &e))?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| err("reading the client certificate", cert, &e))?;
+            let key_der =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| err("reading the client key", key, &e))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| err("the client certificate", cert, &e))?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => return Err(Error::Config("[mqtt] tls_cert and tls_key go together".into())),
+    };
+    Ok(Arc::new(config))
 }
 
 /// The MQTT source: a subscriber of an external broker.
@@ -110,6 +178,8 @@ pub struct MqttSource {
     cfg: MqttConfig,
     host: String,
     port: u16,
+    /// TLS toward the broker, when the url asks for it.
+    tls: Option<Arc<rustls::ClientConfig>>,
     protocol: Protocol,
     client_id: String,
 }
@@ -118,7 +188,9 @@ impl MqttSource {
     /// Subscribes to the broker at `url` as `client_id`.
     pub fn new(cfg: &MqttConfig, url: &str, client_id: String) -> Result<MqttSource> {
         let (host, port) = parse_mqtt_url(url)?;
-        Ok(MqttSource { cfg: cfg.clone(), host, port, protocol: cfg.protocol, client_id })
+        let tls =
+            if mqtt_url_is_tls(url) || cfg.tls_ca.is_some() { Some(tls_client_config(cfg)?) } else { None };
+        Ok(MqttSource { cfg: cfg.clone(), host, port, tls, protocol: cfg.protocol, client_id })
     }
 
     /// Where the broker listens, `host:port`.
@@ -327,6 +399,11 @@ fn connect(src: &MqttSource) -> (Client, EventLoop) {
             if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
                 o.set_credentials(u, p);
             }
+            if let Some(tls) = &src.tls {
+                o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                    tls.clone(),
+                )));
+            }
             let (c, el) = rumqttc::AsyncClient::new(o, cap);
             (Client::V4(c), EventLoop::V4(Box::new(el)))
         }
@@ -342,6 +419,11 @@ fn connect(src: &MqttSource) -> (Client, EventLoop) {
                 .set_max_packet_size(Some(max_packet));
             if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
                 o.set_credentials(u, p);
+            }
+            if let Some(tls) = &src.tls {
+                o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                    tls.clone(),
+                )));
             }
             let (c, el) = rumqttc::v5::AsyncClient::new(o, cap);
             (Client::V5(c), EventLoop::V5(Box::new(el)))

@@ -67,7 +67,23 @@ impl Mosquitto {
         Self::start_on(free_port(), tempfile::tempdir().unwrap())
     }
 
+    /// A broker whose only listener is TLS with the certificate of `pki` ("server"), asking
+    /// every client for a certificate signed by its CA ("ca").
+    pub fn start_tls(pki: &Pki) -> Mosquitto {
+        let tls = format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            pki.path("ca.pem"),
+            pki.path("server.pem"),
+            pki.path("server.key")
+        );
+        Self::start_with(free_port(), tempfile::tempdir().unwrap(), &tls)
+    }
+
     fn start_on(port: u16, dir: tempfile::TempDir) -> Mosquitto {
+        Self::start_with(port, dir, "")
+    }
+
+    fn start_with(port: u16, dir: tempfile::TempDir, listener_options: &str) -> Mosquitto {
         let conf = dir.path().join("mosquitto.conf");
         // Unlimited queues and in-flight windows: the stock 1,000-message queue would drop
         // QoS 1 messages for a subscriber that is away, which these tests must not confuse
@@ -75,7 +91,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nuser root\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n\
+                "listener {port} 127.0.0.1\n{listener_options}user root\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n\
                  max_queued_bytes 0\npersistence true\npersistence_location {}/\nautosave_interval 1\n\
                  log_dest stderr\nlog_type error\nlog_type warning\n",
                 dir.path().display()
@@ -643,4 +659,43 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0.0)
+}
+
+/// A test CA, a server certificate for 127.0.0.1, and client certificates, made with openssl.
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let sh = |script: &str| {
+            let out = Command::new("sh").arg("-c").arg(script).current_dir(d).output().unwrap();
+            assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        for ca in ["ca", "rogue"] {
+            sh(&format!(
+                "openssl req -x509 -newkey rsa:2048 -nodes -keyout {ca}.key -out {ca}.pem -days 2 -subj /CN={ca}-test-ca"
+            ));
+        }
+        sh("printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\n' > san.ext");
+        sh("printf 'basicConstraints=CA:FALSE\\nextendedKeyUsage=clientAuth\\n' > client.ext");
+        sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1");
+        sh("openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext");
+        for (name, ca, cn) in [("client", "ca", "VAN-TLS"), ("intruder", "rogue", "VAN-TLS")] {
+            sh(&format!(
+                "openssl req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={cn}"
+            ));
+            sh(&format!(
+                "openssl x509 -req -in {name}.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial -out {name}.pem -days 2 \
+                 -extfile client.ext"
+            ));
+        }
+        Pki { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_string_lossy().into_owned()
+    }
 }
