@@ -161,7 +161,8 @@ pub struct ApiState {
 /// The HTTP API as a source: ingest, reads, metrics and probes on one listener.
 pub struct HttpSource {
     listener: TcpListener,
-    admin: Option<TcpListener>,
+    /// Bound here, served on a runtime of its own (see [`serve_admin`]).
+    admin: Option<std::net::TcpListener>,
     cfg: HttpConfig,
     reads: Arc<dyn ReadPath>,
     credentials: Option<Credentials>,
@@ -181,7 +182,10 @@ impl HttpSource {
             TcpListener::bind(cfg.addr).await.map_err(|source| Error::Listen { addr: cfg.addr, source })?;
         let admin = match cfg.admin_addr {
             Some(addr) => {
-                Some(TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })?)
+                let l = std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|source| Error::Listen { addr, source })?;
+                Some(l)
             }
             None => None,
         };
@@ -229,8 +233,7 @@ impl Source for HttpSource {
             header_timeout: secs(self.cfg.header_timeout_secs),
         };
         if let Some(admin) = self.admin {
-            let (app, stop) = (admin_router(state.clone()), ctx.shutdown.clone());
-            tokio::spawn(serve(admin, app, limits, "admin", stop));
+            serve_admin(admin, admin_router(state.clone()), limits, ctx.shutdown.clone())?;
         }
         serve(self.listener, router(state), limits, "api", ctx.shutdown).await;
         Ok(())
@@ -303,6 +306,29 @@ async fn serve(listener: TcpListener, app: Router, limits: Limits, name: &'stati
     if tokio::time::timeout(DRAIN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!(listener = name, "requests still open after the drain grace period");
     }
+}
+
+/// The admin listener on a thread and runtime of its own, so that probes and metrics answer
+/// however busy the API's runtime is with ingest.
+fn serve_admin(listener: std::net::TcpListener, app: Router, limits: Limits, stop: Shutdown) -> Result<()> {
+    let addr =
+        listener.local_addr().map_err(|source| Error::Listen { addr: ([0, 0, 0, 0], 0).into(), source })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Listen { addr, source })?;
+    std::thread::Builder::new()
+        .name("http-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => serve(l, app, limits, "admin", stop).await,
+                    Err(e) => tracing::error!(error = %e, "admin listener failed"),
+                }
+            });
+        })
+        .map_err(|source| Error::Listen { addr, source })?;
+    Ok(())
 }
 
 /// The answer past the connection cap.
