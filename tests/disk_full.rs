@@ -163,6 +163,11 @@ async fn a_full_disk_pushes_back_and_ingestion_resumes_by_itself_once_there_is_r
     let accepted = fp.metric("fleetpipe_frames_accepted_total{kind=\"location\"}").await;
     assert_eq!(received, accepted);
     assert_eq!(accepted, unique.len() as f64);
+    assert_eq!(
+        fp.metric("fleetpipe_frames_in_flight").await,
+        0.0,
+        "received = accepted + rejected + in flight"
+    );
     assert!(fp.sigterm().success(), "SIGTERM after a full disk exits 0");
 }
 

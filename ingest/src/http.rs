@@ -539,9 +539,7 @@ async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: axum:
     match st.intake.try_send(submission) {
         // Counted once taken: a request refused with 503 (queue full, shutting down) is a
         // refusal before acceptance, so that received = accepted + rejected holds.
-        Ok(()) => {
-            metrics::counter!("fleetpipe_frames_received_total", "source" => "http").increment(received)
-        }
+        Ok(()) => fleetpipe_pipeline::count_received("http", received),
         Err(mpsc::error::TrySendError::Full(_)) => {
             metrics::counter!("fleetpipe_http_overloaded_total").increment(1);
             return overloaded("ingest queue full");

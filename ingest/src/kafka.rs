@@ -419,7 +419,7 @@ fn build(
         let h = highest.entry(m.partition).or_insert(m.offset);
         *h = (*h).max(m.offset);
     }
-    metrics::counter!("fleetpipe_frames_received_total", "source" => "kafka").increment(received_frames);
+    fleetpipe_pipeline::count_received("kafka", received_frames);
     tracker.submitted(entry_no, &highest);
     let partitions: Vec<i32> = highest.keys().copied().collect();
     let tracker = tracker.clone();

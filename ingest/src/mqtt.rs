@@ -653,7 +653,7 @@ fn build_submission(
         received += u64::from(decoded.received);
         entry.absorb(decoded);
     }
-    metrics::counter!("fleetpipe_frames_received_total", "source" => "mqtt").increment(received);
+    fleetpipe_pipeline::count_received("mqtt", received);
     let to_ack: Vec<AckId> = publishes.iter().filter(|p| p.needs_ack()).map(Publish::ack_id).collect();
     drop(publishes);
     let ack_tx = ack_tx.clone();

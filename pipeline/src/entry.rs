@@ -53,3 +53,25 @@ pub fn now_micros() -> Micros {
     let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     d.as_micros() as Micros
 }
+
+/// Counts `n` frames a source took (decoded, good or bad) in `fleetpipe_frames_received_total`
+/// and in `fleetpipe_frames_in_flight`, which the log writer lowers as they become accepted or
+/// rejected (or are refused while draining): `received = accepted + rejected + in_flight`.
+pub fn count_received(source: &'static str, n: u64) {
+    metrics::counter!("fleetpipe_frames_received_total", "source" => source).increment(n);
+    metrics::gauge!("fleetpipe_frames_in_flight").increment(n as f64);
+}
+
+/// Frames that left flight: accepted, rejected, or refused.
+pub(crate) fn landed(n: u64) {
+    if n > 0 {
+        metrics::gauge!("fleetpipe_frames_in_flight").decrement(n as f64);
+    }
+}
+
+impl Entry {
+    /// Frames (good and bad) the entry holds, as its source counted them received.
+    pub(crate) fn received(&self) -> u64 {
+        (self.frames.len() + self.rejections.len()) as u64
+    }
+}

@@ -48,7 +48,7 @@ use fleetpipe_processors::{Lsn, Stage};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-pub use entry::{now_micros, Completion, Entry, Intake, NotDurable, Submission};
+pub use entry::{count_received, now_micros, Completion, Entry, Intake, NotDurable, Submission};
 pub use sink::{BoxError, Poison, Sink, SinkError};
 pub use source::{Pushback, Readiness, Ready, Shutdown, Source, SourceContext, Sources};
 pub use throttle::Throttle;

@@ -127,6 +127,7 @@ impl Writer {
                     // sources learn so at once (MQTT withholds the acks, HTTP answers 503), so
                     // that they can finish and let go of the intake.
                     while let Ok(s) = rx.try_recv() {
+                        crate::entry::landed(s.entry.received());
                         if let Some(done) = s.done {
                             done(Err(NotDurable::ShuttingDown));
                         }
@@ -259,6 +260,7 @@ impl Writer {
                             "log still unwritable while draining: the held entries are refused, not acknowledged"
                         );
                         for s in batch.drain(..) {
+                            crate::entry::landed(s.entry.received());
                             if let Some(done) = s.done {
                                 done(Err(NotDurable::Log(e.to_string())));
                             }
@@ -312,6 +314,7 @@ impl Writer {
             entries.push(s.entry);
         }
         let frames = accepted[0] + accepted[1];
+        crate::entry::landed(frames + rejected.values().sum::<u64>());
         metrics::counter!("fleetpipe_frames_accepted_total", "kind" => "location").increment(accepted[0]);
         metrics::counter!("fleetpipe_frames_accepted_total", "kind" => "diagnostic").increment(accepted[1]);
         for (reason, n) in rejected {

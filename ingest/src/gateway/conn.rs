@@ -62,7 +62,7 @@ async fn batch_loop(mut rx: mpsc::Receiver<Pending>, intake: fleetpipe_pipeline:
         // One receive time per entry, as the log stores it.
         entry.frames.iter_mut().for_each(|f| f.received_at = received_at);
         entry.rejections.iter_mut().for_each(|r| r.received_at = received_at);
-        metrics::counter!("fleetpipe_frames_received_total", "source" => "mqtt").increment(received);
+        fleetpipe_pipeline::count_received("mqtt", received);
         let submission = Submission {
             entry,
             done: Some(Box::new(move |result| {
