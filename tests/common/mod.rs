@@ -262,18 +262,12 @@ pub struct Fleetpipe {
 
 impl Fleetpipe {
     pub async fn start(config: &Path, http_port: u16) -> Fleetpipe {
-        let log = std::env::var("FLEETPIPE_TEST_LOG").unwrap_or_else(|_| "warn".into());
-        Self::start_with(config, http_port, &log, Stdio::inherit()).await
-    }
-
-    /// [`Fleetpipe::start`] with the log at `level` (`RUST_LOG`) written to `stderr`.
-    pub async fn start_with(config: &Path, http_port: u16, level: &str, stderr: Stdio) -> Fleetpipe {
         let child = Command::new(env!("CARGO_BIN_EXE_fleetpipe"))
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", level)
+            .env("RUST_LOG", std::env::var("FLEETPIPE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
-            .stderr(stderr)
+            .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
         let fp = Fleetpipe { child, http_port };
