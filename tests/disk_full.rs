@@ -117,7 +117,7 @@ async fn a_full_disk_pushes_back_and_ingestion_resumes_by_itself_once_there_is_r
     // The disk fills: the log cannot be written, ingestion pauses — a new request is refused at
     // once, with Retry-After, and the instance stays alive and ready.
     wait_for("the log to hit the full disk", Duration::from_secs(60), || {
-        let errors = futures_block(fp.metric("fleetpipe_wal_errors_total"));
+        let errors = block_on(fp.metric("fleetpipe_wal_errors_total"));
         (errors > 0.0).then_some(())
     })
     .await;
@@ -147,7 +147,7 @@ async fn a_full_disk_pushes_back_and_ingestion_resumes_by_itself_once_there_is_r
     let rows = wait_for("every accepted frame in Parquet", Duration::from_secs(60), || {
         let rows = read_parquet(&data, "locations");
         let seqs: BTreeSet<u64> = rows.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
-        let accepted = futures_block(fp.metric("fleetpipe_frames_accepted_total{kind=\"location\"}"));
+        let accepted = block_on(fp.metric("fleetpipe_frames_accepted_total{kind=\"location\"}"));
         (acked.is_subset(&seqs) && rows.len() as f64 >= accepted).then_some(rows)
     })
     .await;
@@ -169,9 +169,4 @@ async fn a_full_disk_pushes_back_and_ingestion_resumes_by_itself_once_there_is_r
         "received = accepted + rejected + in flight"
     );
     assert!(fp.sigterm().success(), "SIGTERM after a full disk exits 0");
-}
-
-/// Runs a future to completion from inside `wait_for`'s synchronous check.
-fn futures_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }

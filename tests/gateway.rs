@@ -518,16 +518,6 @@ async fn tls_with_a_token_and_mutual_tls_with_a_client_certificate_are_accepted_
     running.stop().await.unwrap();
 }
 
-/// The bytes of an MQTT 3.1.1 CONNECT with client id `id`, clean session, keep-alive 30 s.
-fn connect_packet(id: &str) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
-    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    body.extend_from_slice(id.as_bytes());
-    let mut pkt = vec![0x10, body.len() as u8];
-    pkt.extend(body);
-    pkt
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_closed_an_oversized_packet_is_refused_and_1000_connections_at_once_are_served(
 ) {

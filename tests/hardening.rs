@@ -79,19 +79,10 @@ async fn mqtt_messages_without_a_frame_or_on_an_unknown_topic_are_rejected_and_k
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_an_hour_ahead_is_history_but_never_latest_state_in_any_tier() {
-    const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-    const REDIS_URL: &str = "redis://127.0.0.1:6379";
     let id = unique().replace('-', "_");
     let schema = format!("fp_ahead_{id}");
     let prefix = format!("fpahead:{id}:");
-    let config = |dir: &std::path::Path| {
-        let mut cfg = test_config(dir, None);
-        cfg.postgres.url = Some(PG_URL.into());
-        cfg.postgres.schema = schema.clone();
-        cfg.redis.url = Some(REDIS_URL.into());
-        cfg.redis.prefix = prefix.clone();
-        cfg
-    };
+    let config = |dir: &std::path::Path| storage_config(dir, &schema, &prefix);
     let dir = tempfile::tempdir().unwrap();
     let running = start(config(dir.path())).await;
     let now = now_ms();
@@ -110,7 +101,7 @@ async fn a_frame_an_hour_ahead_is_history_but_never_latest_state_in_any_tier() {
     let latest = |want: u64| {
         let addr = running.http_addr;
         wait_for("latest state in L1", Duration::from_secs(30), move || {
-            let (_, v) = futures_lite_block(http_get(addr, "/v1/vehicles/CLOCK-1"));
+            let (_, v) = block_on(http_get(addr, "/v1/vehicles/CLOCK-1"));
             (v["location"]["seq"].as_u64().is_some())
                 .then_some(v)
                 .filter(|v| want == 0 || v["location"]["seq"] == want)
@@ -126,7 +117,7 @@ async fn a_frame_an_hour_ahead_is_history_but_never_latest_state_in_any_tier() {
     let client = pg().await;
     let sql = format!("SELECT seq FROM {schema}.locations WHERE vehicle_id = 'CLOCK-1' ORDER BY seq");
     let seqs = wait_for("three rows in Postgres", Duration::from_secs(30), || {
-        let rows = futures_lite_block(client.query(&sql, &[]));
+        let rows = block_on(client.query(&sql, &[]));
         let seqs: Vec<i64> = rows.map(|r| r.iter().map(|r| r.get::<_, i64>(0)).collect()).unwrap_or_default();
         (seqs.len() >= 3).then_some(seqs)
     })
@@ -160,11 +151,6 @@ async fn a_frame_an_hour_ahead_is_history_but_never_latest_state_in_any_tier() {
     );
     running.stop().await.unwrap();
     client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
-}
-
-/// Runs a future to completion from inside `wait_for`'s synchronous check.
-fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -183,14 +183,8 @@ async fn past_the_gateway_connection_cap_connects_are_refused_and_a_connected_ve
     let mut accepted = Vec::new();
     let mut refused = 0;
     for i in 0..60 {
-        let id = format!("FLOOD-{i}");
-        let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
-        connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        connect.extend_from_slice(id.as_bytes());
-        let mut pkt = vec![0x10, connect.len() as u8];
-        pkt.extend(connect);
         let mut s = std::net::TcpStream::connect(running.mqtt_addr.unwrap()).unwrap();
-        s.write_all(&pkt).unwrap();
+        s.write_all(&connect_packet(&format!("FLOOD-{i}"))).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut connack = [0u8; 4];
         s.read_exact(&mut connack).unwrap();

@@ -10,18 +10,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-const REDIS_URL: &str = "redis://127.0.0.1:6379";
-
-fn storage_config(dir: &std::path::Path, schema: &str, prefix: &str) -> fleetpipe::config::Config {
-    let mut cfg = test_config(dir, None);
-    cfg.postgres.url = Some(PG_URL.into());
-    cfg.postgres.schema = schema.into();
-    cfg.redis.url = Some(REDIS_URL.into());
-    cfg.redis.prefix = prefix.into();
-    cfg
-}
-
 async fn post_drive(addr: std::net::SocketAddr) {
     let lines: Vec<&str> = DRIVE.lines().filter(|l| !l.trim().is_empty()).collect();
     for chunk in lines.chunks(500) {

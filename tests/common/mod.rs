@@ -699,3 +699,32 @@ impl Pki {
         self.dir.path().join(name).to_string_lossy().into_owned()
     }
 }
+
+/// The bytes of an MQTT 3.1.1 CONNECT with client id `id`, clean session, keep-alive 30 s.
+pub fn connect_packet(id: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
+    body.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id.as_bytes());
+    let mut pkt = vec![0x10, body.len() as u8];
+    pkt.extend(body);
+    pkt
+}
+
+/// Runs a future to completion from inside a synchronous check (`wait_for`'s closure) on the
+/// multi-threaded test runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// A test config with Postgres (schema `schema`) and Redis (key prefix `prefix`) as well.
+pub fn storage_config(dir: &Path, schema: &str, prefix: &str) -> Config {
+    let mut cfg = test_config(dir, None);
+    cfg.postgres.url = Some(PG_URL.into());
+    cfg.postgres.schema = schema.into();
+    cfg.redis.url = Some(REDIS_URL.into());
+    cfg.redis.prefix = prefix.into();
+    cfg
+}

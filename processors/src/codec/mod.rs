@@ -200,14 +200,8 @@ impl<'a> Ctx<'a> {
         raw: impl FnOnce() -> Bytes,
         result: Result<Frame, Fail>,
     ) -> bool {
-        let max = self.rules.max_frames_per_message;
-        if index >= max {
-            out.received = out.received.saturating_add(1);
-            let detail = format!(
-                "the message holds more than {max} frames (validate.max_frames_per_message): frame {index} and all after it are refused"
-            );
-            let index = Some(u32::try_from(index).unwrap_or(u32::MAX));
-            out.rejections.push(self.rejection(Reason::TooManyFrames, detail, index, Bytes::new()));
+        if index >= self.rules.max_frames_per_message {
+            self.reject_excess(out);
             return false;
         }
         out.received = out.received.saturating_add(1);
@@ -224,6 +218,18 @@ impl<'a> Ctx<'a> {
             }
         }
         true
+    }
+
+    /// Records the frames past [`Rules::max_frames_per_message`] (from index `max` on) as one
+    /// `too_many_frames` rejection without bytes, counted as one received frame.
+    pub(crate) fn reject_excess(&self, out: &mut Decoded) {
+        let max = self.rules.max_frames_per_message;
+        out.received = out.received.saturating_add(1);
+        let detail = format!(
+            "the message holds more than {max} frames (validate.max_frames_per_message): frame {max} and all after it are refused"
+        );
+        let index = Some(u32::try_from(max).unwrap_or(u32::MAX));
+        out.rejections.push(self.rejection(Reason::TooManyFrames, detail, index, Bytes::new()));
     }
 
     /// Records a payload that could not be split into frames: one rejection, counted as one

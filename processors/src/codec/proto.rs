@@ -262,7 +262,7 @@ fn measures_to_pb(d: &Diagnostic) -> pb::Diagnostic {
 pub(crate) fn decode_capped(ctx: &Ctx<'_>, out: &mut Decoded, batch: &pb::FrameBatch, more: bool) {
     decode(ctx, out, batch);
     if more {
-        let _ = ctx.push(out, batch.frames.len(), Bytes::new, Err((Reason::TooManyFrames, String::new())));
+        ctx.reject_excess(out);
     }
 }
 

@@ -279,9 +279,6 @@ fn capped_array<'de, T: serde::Deserialize<'de>>(
 fn array(ctx: &Ctx<'_>, out: &mut Decoded) {
     let p: &[u8] = ctx.payload;
     let max = ctx.rules.max_frames_per_message;
-    let excess = |out: &mut Decoded| {
-        let _ = ctx.push(out, max, Bytes::new, Err((Reason::TooManyFrames, String::new())));
-    };
     // Fast path: the whole array in one pass.
     if let Ok((wires, more)) = capped_array::<Wire>(p, max) {
         // Element bytes are needed only for rejections; split lazily, at most once.
@@ -304,7 +301,7 @@ fn array(ctx: &Ctx<'_>, out: &mut Decoded) {
             );
         }
         if more {
-            excess(out);
+            ctx.reject_excess(out);
         }
         return;
     }
@@ -319,7 +316,7 @@ fn array(ctx: &Ctx<'_>, out: &mut Decoded) {
                 let _ = ctx.push(out, i, || sub_bytes(ctx.payload, raw.get().as_bytes()), result);
             }
             if more {
-                excess(out);
+                ctx.reject_excess(out);
             }
         }
         Err(e) => ctx.reject_whole(out, Reason::MalformedJson, e.to_string()),
