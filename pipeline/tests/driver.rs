@@ -28,6 +28,9 @@ struct FakeSink {
     refuse_seq: Option<u64>,
     /// `false`: only `flush` makes batches durable.
     durable_on_tick: bool,
+    /// After the failure at `poison_at`, the sink can start over from its durable position
+    /// (once: the failure does not repeat).
+    recoverable: bool,
     written: Lsn,
     durable: Lsn,
 }
@@ -40,6 +43,7 @@ impl FakeSink {
             poison_at: None,
             refuse_seq: None,
             durable_on_tick: true,
+            recoverable: false,
             written: 0,
             durable: 0,
         }
@@ -89,6 +93,14 @@ impl Sink for FakeSink {
         self.calls.lock().unwrap().flushes += 1;
         self.durable = self.written;
         Ok(())
+    }
+    fn recover(&mut self) -> Result<bool, SinkError> {
+        if !self.recoverable {
+            return Ok(false);
+        }
+        self.poison_at = None;
+        self.written = self.durable;
+        Ok(true)
     }
 }
 
@@ -283,4 +295,30 @@ fn a_batch_at_or_below_what_the_sink_took_is_not_handed_to_it_again() {
     drop(tx);
     handle.join().unwrap();
     assert_eq!(calls.lock().unwrap().writes, vec![4, 5]);
+}
+
+#[test]
+fn a_sink_that_recovers_from_a_fatal_error_gets_everything_after_its_durable_position_once_in_order() {
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let mut sink = FakeSink::new(&calls);
+    sink.poison_at = Some(5);
+    sink.recoverable = true;
+    // A queue long enough that batches after the failing one are waiting in it: they must be
+    // read back from the log after the ones the sink lost, not written ahead of them.
+    let (handle, tx, log) = start(sink, 64, 5);
+    for lsn in 1..=30 {
+        assert!(tx.offer(&batch(lsn)));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handle.durable.load(Ordering::Acquire) < 30 {
+        assert!(Instant::now() < deadline, "never recovered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(tx.offer(&batch(31)), "live batches flow again");
+    drop(tx);
+    handle.join().unwrap();
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls.writes, (1..=31).collect::<Vec<Lsn>>(), "every batch once, in order");
+    let reads = log.reads.lock().unwrap();
+    assert_eq!(reads.first().map(|r| r.0), Some(4), "read back from the durable position: {reads:?}");
 }
