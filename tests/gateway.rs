@@ -456,53 +456,32 @@ async fn tls_with_a_token_and_mutual_tls_with_a_client_certificate_are_accepted_
         &frame("VAN-TOKEN"),
     ]);
     assert_eq!(r["puback"], 0, "server-only TLS with a token: {r}");
-    let r = mqtt_client(&[
-        "connect",
-        "--port",
-        &port,
-        "--v5",
-        "--cafile",
-        &ca,
-        "--cert",
-        &pki.path("client.pem"),
-        "--key",
-        &pki.path("client.key"),
-        "--publish",
-        "vehicles/VAN-TLS/location",
-        &frame("VAN-TLS"),
-    ]);
+    // Mutual TLS: the client certificate `name` (of `ca.pem`'s or another CA) publishes a frame
+    // of `vehicle`.
+    let with_certificate = |name: &str, vehicle: &str| {
+        let (cert, key) = (pki.path(&format!("{name}.pem")), pki.path(&format!("{name}.key")));
+        let topic = format!("vehicles/{vehicle}/location");
+        mqtt_client(&[
+            "connect",
+            "--port",
+            &port,
+            "--v5",
+            "--cafile",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--publish",
+            &topic,
+            &frame(vehicle),
+        ])
+    };
+    let r = with_certificate("client", "VAN-TLS");
     assert_eq!(r["puback"], 0, "the client certificate is the identity: {r}");
-    let r = mqtt_client(&[
-        "connect",
-        "--port",
-        &port,
-        "--v5",
-        "--cafile",
-        &ca,
-        "--cert",
-        &pki.path("client.pem"),
-        "--key",
-        &pki.path("client.key"),
-        "--publish",
-        "vehicles/VAN-TOKEN/location",
-        &frame("VAN-TOKEN"),
-    ]);
+    let r = with_certificate("client", "VAN-TOKEN");
     assert_eq!(r["puback"], 0x87, "a certificate speaks for its own vehicle only: {r}");
-    let r = mqtt_client(&[
-        "connect",
-        "--port",
-        &port,
-        "--v5",
-        "--cafile",
-        &ca,
-        "--cert",
-        &pki.path("intruder.pem"),
-        "--key",
-        &pki.path("intruder.key"),
-        "--publish",
-        "vehicles/VAN-TLS/location",
-        &frame("VAN-TLS"),
-    ]);
+    let r = with_certificate("intruder", "VAN-TLS");
     assert!(
         r.get("puback").is_none() && r.get("connack").is_none(),
         "another CA's certificate is refused: {r}"

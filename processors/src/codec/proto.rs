@@ -213,6 +213,11 @@ pub(crate) fn decode_batch_capped(
     payload: &[u8],
     max: usize,
 ) -> Result<(pb::FrameBatch, bool), prost::DecodeError> {
+    // Every field is at least two bytes (key, length): a payload this short cannot hold more
+    // than `max` frames and is decoded without the scan (the usual case).
+    if payload.len() / 2 <= max {
+        return Ok((pb::FrameBatch::decode(payload)?, false));
+    }
     let mut rest = payload;
     let mut fields = 0usize;
     let mut cut = None;
