@@ -15,6 +15,10 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_pkgs+
 command -v mosquitto_pub >/dev/null 2>&1 || need_pkgs+=(mosquitto-clients)
 command -v cc >/dev/null 2>&1 || need_pkgs+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
+# librdkafka's TLS (rdkafka's `ssl` feature) links the system OpenSSL.
+pkg-config --exists openssl 2>/dev/null || need_pkgs+=(libssl-dev)
+# The TLS terminator in front of the test Kafka broker.
+command -v socat >/dev/null 2>&1 || need_pkgs+=(socat)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -108,13 +108,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         dead_letter::open(&cfg.dead_letter, &dl_root).context("opening the dead-letter store")?,
     ));
     let mut store = None;
-    if let Some(url) = &cfg.postgres.url {
+    if cfg.postgres.url.is_some() {
         let pg = cfg.postgres.clone();
         let sink = tokio::task::spawn_blocking(move || postgres::open(&pg))
             .await?
             .context("opening the Postgres sink")?;
         sinks.push(Box::new(sink));
-        store = Some(postgres::PostgresReader::new(url, &cfg.postgres.schema, cfg.validate.max_ahead_us)?);
+        store = Some(postgres::PostgresReader::new(&cfg.postgres, cfg.validate.max_ahead_us)?);
     }
     let mut l2 = None;
     if cfg.redis.url.is_some() {
@@ -200,7 +200,8 @@ impl Running {
 const FD_HEADROOM: u64 = 1500;
 
 /// The gateway's configuration with `max_connections` lowered, if need be, to what the
-/// process's file-descriptor limit allows (less [`FD_HEADROOM`]): past its cap the gateway
+/// process's file-descriptor limit allows (less [`FD_HEADROOM`] and the room the gateway keeps
+/// for connections before CONNECT, [`fleetpipe_ingest::gateway::open_limit`]): past its cap the gateway
 /// refuses a connection cleanly, past the descriptor limit it could not even accept one.
 fn fit_connections(
     cfg: &fleetpipe_ingest::gateway::GatewayConfig,
@@ -209,7 +210,8 @@ fn fit_connections(
     let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
         return cfg;
     };
-    let fit = usize::try_from(soft.saturating_sub(FD_HEADROOM)).unwrap_or(usize::MAX).max(1);
+    let open_room = (fleetpipe_ingest::gateway::open_limit(0) as u64).saturating_add(FD_HEADROOM);
+    let fit = usize::try_from(soft.saturating_sub(open_room)).unwrap_or(usize::MAX).max(1);
     if cfg.max_connections > fit {
         tracing::warn!(
             configured = cfg.max_connections,

@@ -93,7 +93,18 @@ pub struct KafkaSection {
     pub dlq_topic: String,
     /// Longest a revoked partition (or the drain) waits for its entries to become durable.
     pub revoke_wait_secs: f64,
-    /// Extra librdkafka properties for every client (`"security.protocol" = "SASL_SSL"`, ...).
+    /// TLS toward the brokers (on once any of these is set, or with `tls = true`): the CA that
+    /// signs the brokers' certificates (else the system's roots), and a client certificate and
+    /// key for mutual TLS. PEM files.
+    pub tls: bool,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// SASL (on with a username): `PLAIN` (the default), `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub sasl_mechanism: String,
+    /// Extra librdkafka properties for every client (they win over the settings above).
     pub properties: std::collections::BTreeMap<String, String>,
 }
 
@@ -109,6 +120,13 @@ impl Default for KafkaSection {
             clean_topic: "vehicle-frames-clean".into(),
             dlq_topic: "vehicle-frames-dlq".into(),
             revoke_wait_secs: 10.0,
+            tls: false,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            username: None,
+            password: None,
+            sasl_mechanism: "PLAIN".into(),
             properties: Default::default(),
         }
     }
@@ -125,7 +143,7 @@ impl KafkaSection {
             client_id: self.client_id(),
             batch_messages: self.batch_messages,
             revoke_wait: Duration::from_secs_f64(self.revoke_wait_secs.max(0.0)),
-            properties: self.properties.clone().into_iter().collect(),
+            properties: self.client_properties(),
         })
     }
 
@@ -143,9 +161,42 @@ impl KafkaSection {
             clean_topic,
             dlq_topic,
             flush_timeout: Duration::from_secs(30),
-            properties: self.properties.clone().into_iter().collect(),
+            properties: self.client_properties(),
             checkpoint: data_dir.join("_fleetpipe").join("kafka.checkpoint"),
         })
+    }
+
+    /// The librdkafka properties of every client: TLS and SASL as configured, then
+    /// `[kafka.properties]`, which win.
+    pub fn client_properties(&self) -> Vec<(String, String)> {
+        let tls = self.tls || self.tls_ca.is_some() || self.tls_cert.is_some();
+        let mut props = std::collections::BTreeMap::new();
+        let mut set = |k: &str, v: String| {
+            props.insert(k.to_owned(), v);
+        };
+        match (tls, self.username.is_some()) {
+            (true, true) => set("security.protocol", "sasl_ssl".into()),
+            (true, false) => set("security.protocol", "ssl".into()),
+            (false, true) => set("security.protocol", "sasl_plaintext".into()),
+            (false, false) => {}
+        }
+        let path = |p: &PathBuf| p.display().to_string();
+        if let Some(ca) = &self.tls_ca {
+            set("ssl.ca.location", path(ca));
+        }
+        if let Some(cert) = &self.tls_cert {
+            set("ssl.certificate.location", path(cert));
+        }
+        if let Some(key) = &self.tls_key {
+            set("ssl.key.location", path(key));
+        }
+        if let Some(user) = &self.username {
+            set("sasl.mechanism", self.sasl_mechanism.clone());
+            set("sasl.username", user.clone());
+            set("sasl.password", self.password.clone().unwrap_or_default());
+        }
+        props.extend(self.properties.clone());
+        props.into_iter().collect()
     }
 
     /// The stable Kafka client id: configured, else derived from the pod or host name.
@@ -228,6 +279,12 @@ impl Config {
         if let Some(v) = get("FLEETPIPE_KAFKA_GROUP").filter(|v| !v.is_empty()) {
             self.kafka.group = v;
         }
+        if let Some(v) = get("FLEETPIPE_KAFKA_USERNAME").filter(|v| !v.is_empty()) {
+            self.kafka.username = Some(v);
+        }
+        if let Some(v) = get("FLEETPIPE_KAFKA_PASSWORD") {
+            self.kafka.password = Some(v);
+        }
         Ok(())
     }
 
@@ -237,6 +294,16 @@ impl Config {
         }
         if let Some(url) = &self.mqtt.url {
             parse_mqtt_url(url)?;
+        }
+        for (section, cert, key) in [
+            ("mqtt", &self.mqtt.tls_cert, &self.mqtt.tls_key),
+            ("postgres", &self.postgres.tls_cert, &self.postgres.tls_key),
+            ("redis", &self.redis.tls_cert, &self.redis.tls_key),
+            ("kafka", &self.kafka.tls_cert, &self.kafka.tls_key),
+        ] {
+            if cert.is_some() != key.is_some() {
+                bail!("[{section}] tls_cert and tls_key go together: set both or neither");
+            }
         }
         if self.parquet.roll_secs <= 0.0 || self.dead_letter.roll_secs <= 0.0 {
             bail!("parquet.roll_secs and dead_letter.roll_secs must be positive");
@@ -330,6 +397,27 @@ mod tests {
         assert_eq!(cfg.gateway_listen(), None);
         cfg.apply_env(|k| (k == "FLEETPIPE_MQTT_LISTEN").then(|| "127.0.0.1:1999".into())).unwrap();
         assert_eq!(cfg.gateway_listen(), Some("127.0.0.1:1999".parse().unwrap()));
+    }
+
+    #[test]
+    fn kafka_tls_and_sasl_become_librdkafka_properties_and_properties_win() {
+        let cfg: Config = toml::from_str(
+            "[kafka]\nbrokers = \"b:9093\"\ntls_ca = \"/ca.pem\"\nusername = \"fp\"\npassword = \"pw\"\n\
+             sasl_mechanism = \"SCRAM-SHA-512\"\n[kafka.properties]\n\"ssl.endpoint.identification.algorithm\" = \"none\"\n",
+        )
+        .unwrap();
+        let props: std::collections::BTreeMap<_, _> = cfg.kafka.client_properties().into_iter().collect();
+        let get = |k: &str| props.get(k).map(String::as_str);
+        assert_eq!(get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(get("ssl.ca.location"), Some("/ca.pem"));
+        assert_eq!(get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!((get("sasl.username"), get("sasl.password")), (Some("fp"), Some("pw")));
+        assert_eq!(get("ssl.endpoint.identification.algorithm"), Some("none"));
+        let plain: Config = toml::from_str("[kafka]\nbrokers = \"b:9092\"\n").unwrap();
+        assert!(plain.kafka.client_properties().is_empty());
+        let half: Config = toml::from_str("[postgres]\ntls_cert = \"/c.pem\"\n").unwrap();
+        let e = half.check().unwrap_err().to_string();
+        assert!(e.contains("[postgres] tls_cert and tls_key go together"), "{e}");
     }
 
     #[test]

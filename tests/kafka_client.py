@@ -5,8 +5,11 @@
     kafka_client.py produce-raw BROKERS TOPIC KEY FILE  # the whole file as one record
     kafka_client.py consume BROKERS TOPIC COUNT SECS # prints COUNT records as JSON lines, then exits
     kafka_client.py committed BROKERS GROUP TOPIC    # prints {"partition": committed offset, ...}
+
+With KAFKA_TLS_CA=ca.pem in the environment every client connects over TLS.
 """
 import json
+import os
 import sys
 import time
 import uuid
@@ -15,14 +18,22 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
+def conn(brokers):
+    """The connection settings: TLS with the CA in $KAFKA_TLS_CA when it is set."""
+    c = {"bootstrap.servers": brokers}
+    if os.environ.get("KAFKA_TLS_CA"):
+        c.update({"security.protocol": "ssl", "ssl.ca.location": os.environ["KAFKA_TLS_CA"]})
+    return c
+
+
 def create(brokers, topic, partitions):
-    admin = AdminClient({"bootstrap.servers": brokers})
+    admin = AdminClient(conn(brokers))
     for _, f in admin.create_topics([NewTopic(topic, num_partitions=int(partitions), replication_factor=1)]).items():
         f.result()
 
 
 def produce(brokers, topic, path):
-    p = Producer({"bootstrap.servers": brokers, "enable.idempotence": True, "linger.ms": 5})
+    p = Producer({**conn(brokers), "enable.idempotence": True, "linger.ms": 5})
     failed = []
     n = 0
     with open(path, "rb") as f:
@@ -48,7 +59,7 @@ def produce(brokers, topic, path):
 
 
 def produce_raw(brokers, topic, key, path):
-    p = Producer({"bootstrap.servers": brokers, "enable.idempotence": True})
+    p = Producer({**conn(brokers), "enable.idempotence": True})
     failed = []
     with open(path, "rb") as f:
         p.produce(topic, key=key, value=f.read(), on_delivery=lambda err, _m: err and failed.append(str(err)))
@@ -57,7 +68,7 @@ def produce_raw(brokers, topic, key, path):
 
 
 def consume(brokers, topic, count, secs):
-    c = Consumer({"bootstrap.servers": brokers, "group.id": f"test-reader-{uuid.uuid4()}",
+    c = Consumer({**conn(brokers), "group.id": f"test-reader-{uuid.uuid4()}",
                   "auto.offset.reset": "earliest", "enable.auto.commit": False})
     c.subscribe([topic])
     out, deadline = [], time.time() + float(secs)
@@ -85,7 +96,7 @@ def partitions_of(c, topic):
 
 
 def committed(brokers, group, topic):
-    c = Consumer({"bootstrap.servers": brokers, "group.id": group, "enable.auto.commit": False})
+    c = Consumer({**conn(brokers), "group.id": group, "enable.auto.commit": False})
     tps = [TopicPartition(topic, p) for p in partitions_of(c, topic)]
     res = c.committed(tps, timeout=10)
     print(json.dumps({str(tp.partition): tp.offset for tp in res}))

@@ -126,50 +126,13 @@ pub fn mqtt_url_is_tls(url: &str) -> bool {
 /// The TLS client configuration toward the broker: roots from `tls_ca` (else the system's),
 /// and the client certificate when one is configured.
 fn tls_client_config(cfg: &MqttConfig) -> Result<Arc<rustls::ClientConfig>> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let err = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
-        Error::Tls(format!("{what} {}: {e}", path.display()))
+    let files = fleetpipe_pipeline::tls::TlsFiles {
+        section: "[mqtt]",
+        ca: cfg.tls_ca.clone(),
+        cert: cfg.tls_cert.clone(),
+        key: cfg.tls_key.clone(),
     };
-    let mut roots = rustls::RootCertStore::empty();
-    match &cfg.tls_ca {
-        Some(ca) => {
-            for c in CertificateDer::pem_file_iter(ca).map_err(|e| err("reading the broker CA", ca, &e))? {
-                let c = c.map_err(|e| err("reading the broker CA", ca, &e))?;
-                roots.add(c).map_err(|e| err("adding the broker CA", ca, &e))?;
-            }
-        }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            for c in native.certs {
-                let _ = roots.add(c);
-            }
-            if roots.is_empty() {
-                return Err(Error::Tls("no system CA certificates found; set [mqtt] tls_ca".into()));
-            }
-        }
-    }
-    let builder =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Tls(e.to_string()))?
-            .with_root_certificates(roots);
-    let config = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| err("reading the client certificate", cert, &e))?
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|e| err("reading the client certificate", cert, &e))?;
-            let key_der =
-                PrivateKeyDer::from_pem_file(key).map_err(|e| err("reading the client key", key, &e))?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| err("the client certificate", cert, &e))?
-        }
-        (None, None) => builder.with_no_client_auth(),
-        _ => return Err(Error::Config("[mqtt] tls_cert and tls_key go together".into())),
-    };
-    Ok(Arc::new(config))
+    files.client_config().map_err(|e| Error::Tls(e.to_string()))
 }
 
 /// The MQTT source: a subscriber of an external broker.

@@ -23,7 +23,10 @@
 //! refills de-duplication windows and latest state), each sink only what lies past its
 //! checkpoint.
 //!
-//! This crate knows no source or sink technology: it depends on `fleetpipe-processors` only.
+//! - [`tls`]: the TLS client settings every connection to a service shares.
+//!
+//! This crate knows no source or sink technology: it depends on `fleetpipe-processors` (and
+//! rustls, for [`tls`]) only.
 
 mod acker;
 mod backlog;
@@ -34,6 +37,7 @@ mod shard;
 pub mod sink;
 pub mod source;
 pub mod throttle;
+pub mod tls;
 pub mod wal;
 mod writer;
 

@@ -86,6 +86,9 @@ pub enum Error {
     PostgresLsn(Lsn),
     #[error("could not start a runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    /// A setting no retry can fix (a TLS file that cannot be read, a url that does not fit).
+    #[error("{0}")]
+    Config(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -97,9 +100,11 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Postgres { source, .. } => postgres::is_retryable(source),
-            Error::Poisoned { .. } | Error::PostgresSchema(_) | Error::PostgresLsn(_) | Error::Runtime(_) => {
-                false
-            }
+            Error::Poisoned { .. }
+            | Error::PostgresSchema(_)
+            | Error::PostgresLsn(_)
+            | Error::Runtime(_)
+            | Error::Config(_) => false,
             _ => true,
         }
     }

@@ -143,11 +143,32 @@ impl Drop for Mosquitto {
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Extra `redis-server` arguments (TLS, a password).
+    args: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        let mut r = RedisServer { port: free_port(), child: None };
+        let mut r = RedisServer { port: free_port(), child: None, args: Vec::new() };
+        r.resume();
+        r
+    }
+
+    /// TLS only (the certificate of `pki`; clients must present one signed by its CA) and
+    /// `password` for the default user.
+    pub fn start_tls(pki: &Pki, password: &str) -> RedisServer {
+        let port = free_port();
+        let args = [
+            ("--port", "0".to_owned()),
+            ("--tls-port", port.to_string()),
+            ("--tls-cert-file", pki.path("server.pem")),
+            ("--tls-key-file", pki.path("server.key")),
+            ("--tls-ca-cert-file", pki.path("ca.pem")),
+            ("--tls-auth-clients", "yes".to_owned()),
+            ("--requirepass", password.to_owned()),
+        ];
+        let args = args.into_iter().flat_map(|(k, v)| [k.to_owned(), v]).collect();
+        let mut r = RedisServer { port, child: None, args };
         r.resume();
         r
     }
@@ -174,6 +195,7 @@ impl RedisServer {
         }
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -189,10 +211,120 @@ impl Drop for RedisServer {
     }
 }
 
-/// A Kafka-compatible broker of the test's own (tansu, in-memory storage) on a free port.
-pub struct Tansu {
+/// A PostgreSQL server of the test's own (initdb in a temporary directory, run as the
+/// `postgres` user when the test runs as root): TLS only over TCP, with the certificate of a
+/// [`Pki`], and a password (SCRAM) for user `postgres`.
+pub struct PgServer {
     pub port: u16,
     child: Child,
+    /// `pg_ctl stop`, run on drop.
+    stop: Command,
+    _dir: tempfile::TempDir,
+}
+
+fn pg_bin(name: &str) -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.flatten().map(|e| e.path().join("bin").join(name)).filter(|p| p.exists()).collect())
+        .unwrap_or_default();
+    found.sort();
+    found.pop().unwrap_or_else(|| PathBuf::from(name))
+}
+
+impl PgServer {
+    pub fn start_tls(pki: &Pki, password: &str) -> PgServer {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let as_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+        let run = |bin: &str| -> Command {
+            if as_root {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(pg_bin(bin));
+                c
+            } else {
+                Command::new(pg_bin(bin))
+            }
+        };
+        std::fs::write(d.join("pw"), password).unwrap();
+        for name in ["server.pem", "server.key"] {
+            std::fs::copy(pki.path(name), d.join(name)).unwrap();
+        }
+        std::fs::set_permissions(d.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        if as_root {
+            let out = Command::new("chown").args(["-R", "postgres"]).arg(d).output().unwrap();
+            assert!(out.status.success(), "chown: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let data = d.join("data");
+        let out = run("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-N", "-A", "scram-sha-256"])
+            .arg(format!("--pwfile={}", d.join("pw").display()))
+            .output()
+            .expect("initdb (scripts/test.sh installs postgresql)");
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(data.join("pg_hba.conf"), "hostssl all all 127.0.0.1/32 scram-sha-256\n").unwrap();
+        let port = free_port();
+        let child = run("postgres")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "ssl=on",
+                "-c",
+                "fsync=off",
+            ])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", d.display()))
+            .arg("-c")
+            .arg(format!("ssl_cert_file={}", d.join("server.pem").display()))
+            .arg("-c")
+            .arg(format!("ssl_key_file={}", d.join("server.key").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("postgres");
+        wait_listening(([127, 0, 0, 1], port).into(), Duration::from_secs(30));
+        let mut stop = run("pg_ctl");
+        stop.arg("stop")
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        PgServer { port, child, stop, _dir: dir }
+    }
+
+    /// A libpq conninfo for `psql` (verifying the server against the CA of `pki`).
+    pub fn psql(&self, pki: &Pki, password: &str, sql: &str) -> String {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres password={password} sslmode=verify-full sslrootcert={}",
+            self.port,
+            pki.path("ca.pem")
+        );
+        let out = Command::new("psql").args([&conninfo, "-Atc", sql]).output().expect("psql");
+        assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self.stop.status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Kafka-compatible broker of the test's own (tansu, in-memory storage) on a free port.
+pub struct Tansu {
+    /// Where clients connect (the TLS terminator's port for [`Tansu::start_tls`]).
+    pub port: u16,
+    child: Child,
+    terminator: Option<Child>,
 }
 
 fn home_cache(rel: &str) -> PathBuf {
@@ -201,6 +333,29 @@ fn home_cache(rel: &str) -> PathBuf {
 
 impl Tansu {
     pub fn start() -> Tansu {
+        let port = free_port();
+        Tansu::start_advertising(port, port, None)
+    }
+
+    /// Tansu behind a TLS terminator (socat, with the server certificate of `pki`): clients
+    /// reach it at [`Tansu::brokers`] over TLS only.
+    pub fn start_tls(pki: &Pki) -> Tansu {
+        let (inner, outer) = (free_port(), free_port());
+        let tls = Command::new("socat")
+            .arg(format!(
+                "OPENSSL-LISTEN:{outer},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+                pki.path("server.pem"),
+                pki.path("server.key")
+            ))
+            .arg(format!("TCP:127.0.0.1:{inner}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat must be installed (scripts/test.sh installs it)");
+        Tansu::start_advertising(inner, outer, Some(tls))
+    }
+
+    fn start_advertising(listen: u16, advertised: u16, terminator: Option<Child>) -> Tansu {
         let bin = std::env::var_os("FLEETPIPE_TANSU").map(PathBuf::from).unwrap_or_else(|| {
             let cached = home_cache("tansu/bin/tansu");
             if cached.exists() {
@@ -209,19 +364,19 @@ impl Tansu {
                 PathBuf::from("tansu")
             }
         });
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
+        let url = format!("tcp://127.0.0.1:{listen}");
         let child = Command::new(&bin)
             .args(["broker", "--storage-engine", "memory://tansu/", "--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
+            .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{advertised}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("{} must be installed (scripts/test.sh installs it): {e}", bin.display())
             });
-        wait_listening(([127, 0, 0, 1], port).into(), Duration::from_secs(30));
-        Tansu { port, child }
+        wait_listening(([127, 0, 0, 1], listen).into(), Duration::from_secs(30));
+        wait_listening(([127, 0, 0, 1], advertised).into(), Duration::from_secs(30));
+        Tansu { port: advertised, child, terminator }
     }
 
     pub fn brokers(&self) -> String {
@@ -231,24 +386,47 @@ impl Tansu {
 
 impl Drop for Tansu {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in std::iter::once(&mut self.child).chain(self.terminator.as_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
 /// Runs `tests/kafka_client.py` (Python confluent-kafka: a Kafka client independent of
 /// fleetpipe's) and returns its standard output.
 pub fn kafka_client(args: &[&str]) -> String {
+    kafka_client_with(&[], args)
+}
+
+/// [`kafka_client`] with extra environment (`KAFKA_TLS_CA`: connect over TLS).
+pub fn kafka_client_with(env: &[(&str, &str)], args: &[&str]) -> String {
     let python = python();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kafka_client.py");
-    let out = Command::new(&python).arg(&script).args(args).output().expect("python for kafka_client.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("python for kafka_client.py");
     assert!(out.status.success(), "kafka_client.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Records read back by [`kafka_client`] `consume`.
 pub fn kafka_records(brokers: &str, topic: &str, count: usize, secs: u64) -> Vec<Value> {
-    kafka_client(&["consume", brokers, topic, &count.to_string(), &secs.to_string()])
+    kafka_records_with(&[], brokers, topic, count, secs)
+}
+
+/// [`kafka_records`] with extra environment for the client.
+pub fn kafka_records_with(
+    env: &[(&str, &str)],
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    secs: u64,
+) -> Vec<Value> {
+    kafka_client_with(env, &["consume", brokers, topic, &count.to_string(), &secs.to_string()])
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
@@ -262,12 +440,18 @@ pub struct Fleetpipe {
 
 impl Fleetpipe {
     pub async fn start(config: &Path, http_port: u16) -> Fleetpipe {
+        let level = std::env::var("FLEETPIPE_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        Fleetpipe::start_with(config, http_port, &level, Stdio::inherit()).await
+    }
+
+    /// [`Fleetpipe::start`] with `RUST_LOG=level` and its log (standard error) to `log`.
+    pub async fn start_with(config: &Path, http_port: u16, level: &str, log: Stdio) -> Fleetpipe {
         let child = Command::new(env!("CARGO_BIN_EXE_fleetpipe"))
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", std::env::var("FLEETPIPE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("RUST_LOG", level)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .unwrap();
         let fp = Fleetpipe { child, http_port };

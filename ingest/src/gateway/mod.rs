@@ -118,6 +118,13 @@ impl TryFrom<GwError> for ntex_mqtt::v5::PublishAck {
     }
 }
 
+/// Open connections the gateway holds at most (before and after CONNECT, over all workers):
+/// `max_connections` sessions plus room for connections that have not sent CONNECT yet or are
+/// being refused in CONNACK. Past it a new connection is closed at once, before any handshake.
+pub fn open_limit(max_connections: usize) -> usize {
+    max_connections + 256
+}
+
 /// What every connection shares.
 pub(crate) struct Shared {
     pub(crate) intake: Intake,
@@ -129,6 +136,8 @@ pub(crate) struct Shared {
     /// QoS 1 messages received and not yet answered.
     pub(crate) inflight: AtomicUsize,
     pub(crate) connections: AtomicUsize,
+    /// Open TCP connections, before and after CONNECT (see `run::gated`).
+    pub(crate) open: AtomicUsize,
     pub(crate) next_auto_id: AtomicU64,
     pub(crate) max_connections: usize,
     pub(crate) receive_maximum: u16,
@@ -227,6 +236,7 @@ impl Source for GatewaySource {
             draining: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
             next_auto_id: AtomicU64::new(0),
             max_connections: self.cfg.max_connections,
             receive_maximum: self.cfg.receive_maximum.max(1),
@@ -263,6 +273,7 @@ async fn wait_until(limit: Duration, done: impl Fn() -> bool) {
 mod run {
     //! The ntex system the gateway runs in: a thread of its own, its accept thread and workers.
 
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     use ntex_service::chain_factory;
@@ -308,6 +319,47 @@ mod run {
             .into()
     }
 
+    /// Counts each connection from accept to close (over every worker), and closes one at
+    /// once, before any handshake, when [`super::open_limit`] are open: what bounds the gateway's
+    /// descriptors, whatever clients do before CONNECT.
+    fn gated<F, T>(
+        shared: Arc<Shared>,
+        inner: T,
+    ) -> impl ntex_service::ServiceFactory<
+        ntex_io::Io<F>,
+        ntex_service::cfg::SharedCfg,
+        Response = (),
+        Error = T::Error,
+        InitError = T::InitError,
+    >
+    where
+        F: ntex_io::Filter,
+        T: ntex_service::ServiceFactory<ntex_io::Io<F>, ntex_service::cfg::SharedCfg, Response = ()>,
+    {
+        struct Open<'a>(&'a AtomicUsize);
+        impl Drop for Open<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+                metrics::gauge!("fleetpipe_gateway_sockets").decrement(1.0);
+            }
+        }
+        let limit = super::open_limit(shared.max_connections);
+        ntex_service::apply_fn_factory(
+            inner,
+            async move |io: ntex_io::Io<F>, svc: &ntex_service::dev::ApplyCtx<'_, T::Service>| {
+                let before = shared.open.fetch_add(1, Ordering::AcqRel);
+                let _open = Open(&shared.open);
+                metrics::gauge!("fleetpipe_gateway_sockets").increment(1.0);
+                if before >= limit {
+                    metrics::counter!("fleetpipe_gateway_connects_total", "result" => "busy").increment(1);
+                    io.terminate();
+                    return Ok(());
+                }
+                svc.call(io).await
+            },
+        )
+    }
+
     /// The MQTT 3.1.1 and 5 server of one worker thread (made once per worker).
     fn mqtt_factory<F: ntex_io::Filter>(
         shared: Arc<Shared>,
@@ -348,7 +400,10 @@ mod run {
         } else {
             cfg.workers
         };
-        let maxconn = cfg.max_connections + 1024;
+        // ntex's own limit is per worker and pauses accepting when every worker is full; it is
+        // set out of reach (each worker could hold every connection), and the limit that holds
+        // is `gated`'s count over all workers, which closes a connection past it at once.
+        let maxconn = super::open_limit(cfg.max_connections);
         let shared_cfg = mqtt_config(&shared, cfg);
         let (tx, rx) = std::sync::mpsc::channel::<std::io::Result<ntex_server::net::Server>>();
         let thread = std::thread::Builder::new()
@@ -359,14 +414,14 @@ mod run {
                         let mut b = ntex_server::net::build()
                             .name("gateway")
                             .workers(workers)
-                            .maxconn(maxconn.div_ceil(workers))
+                            .maxconn(maxconn + 64)
                             .disable_signals()
                             .shutdown_timeout(Seconds(5));
                         if let Some(l) = plain {
                             let s = Arc::clone(&shared);
                             b = b
                                 .listen("mqtt", l, async move |_| {
-                                    mqtt_factory::<ntex_io::Base>(Arc::clone(&s))
+                                    gated(Arc::clone(&s), mqtt_factory::<ntex_io::Base>(Arc::clone(&s)))
                                 })?
                                 .config("mqtt", shared_cfg.clone());
                         }
@@ -374,15 +429,20 @@ mod run {
                             let s = Arc::clone(&shared);
                             b = b
                                 .listen("mqtts", l, async move |_| {
-                                    chain_factory(ntex_tls::rustls::TlsAcceptor::new(Arc::clone(&tls)))
-                                        .map_err(|e: std::io::Error| {
-                                            ntex_mqtt::MqttError::Handshake(
-                                                ntex_mqtt::HandshakeError::Disconnected(Some(e)),
-                                            )
-                                        })
-                                        .and_then(mqtt_factory::<
-                                            ntex_io::Layer<ntex_tls::rustls::TlsServerFilter>,
-                                        >(Arc::clone(&s)))
+                                    let gate = Arc::clone(&s);
+                                    let tls =
+                                        chain_factory(ntex_tls::rustls::TlsAcceptor::new(Arc::clone(&tls)))
+                                            .map_err(|e: std::io::Error| {
+                                                ntex_mqtt::MqttError::Handshake(
+                                                    ntex_mqtt::HandshakeError::Disconnected(Some(e)),
+                                                )
+                                            })
+                                            .and_then(mqtt_factory::<
+                                                ntex_io::Layer<ntex_tls::rustls::TlsServerFilter>,
+                                            >(
+                                                Arc::clone(&s)
+                                            ));
+                                    gated(gate, tls)
                                 })?
                                 .config("mqtts", shared_cfg);
                         }

@@ -44,6 +44,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fleetpipe_pipeline::tls::TlsFiles;
 use fleetpipe_pipeline::{Poison, Sink, SinkError};
 use fleetpipe_processors::time::day_of;
 use fleetpipe_processors::{Batch, Kind, Lsn};
@@ -103,11 +104,24 @@ pub struct PostgresConfig {
     pub partitions_ahead_days: u32,
     /// Drop day partitions older than this many days; `None` keeps everything.
     pub retention_days: Option<u32>,
+    /// TLS (required once any is set, or with `sslmode=require` in the url): the CA that signs
+    /// the server's certificate (else the system's roots), and a client certificate and key.
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl Default for PostgresConfig {
     fn default() -> Self {
-        PostgresConfig { url: None, schema: "public".into(), partitions_ahead_days: 3, retention_days: None }
+        PostgresConfig {
+            url: None,
+            schema: "public".into(),
+            partitions_ahead_days: 3,
+            retention_days: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+        }
     }
 }
 
@@ -115,6 +129,72 @@ impl PostgresConfig {
     /// The defaults, for `url`.
     pub fn new(url: impl Into<String>) -> PostgresConfig {
         PostgresConfig { url: Some(url.into()), ..PostgresConfig::default() }
+    }
+
+    fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            section: "[postgres]",
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
+    }
+
+    /// How to connect: the parsed url, and TLS when configured (a TLS file set, or
+    /// `sslmode=require`; TLS is then required, never silently skipped).
+    pub(crate) fn connector(&self) -> Result<Connector> {
+        let url = self.url.as_deref().ok_or_else(|| Error::PostgresSchema("no url configured".into()))?;
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| Error::PostgresSchema(format!("url: {e}")))?;
+        let files = self.tls_files();
+        let tls = if files.any() || config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let client = files.client_config().map_err(|e| Error::PostgresSchema(e.to_string()))?;
+            Some(tokio_postgres_rustls::MakeRustlsConnect::new((*client).clone()))
+        } else {
+            // `prefer` (the default) with no TLS configured: plain, as libpq without a CA would
+            // not verify the server either.
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            None
+        };
+        Ok(Connector { config, tls })
+    }
+}
+
+/// A parsed url and its TLS connector, made once and used for every (re)connection.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl Connector {
+    /// Connects and spawns the connection's task (on the current runtime), which logs how the
+    /// connection ended as `who`.
+    pub(crate) async fn connect(
+        &self,
+        who: &'static str,
+    ) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        fn drive<F>(who: &'static str, connection: F) -> tokio::task::JoinHandle<()>
+        where
+            F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+        {
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(who, error = %e, "postgres connection ended");
+                }
+            })
+        }
+        match &self.tls {
+            Some(tls) => {
+                let (client, connection) = self.config.connect(tls.clone()).await?;
+                Ok((client, drive(who, connection)))
+            }
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await?;
+                Ok((client, drive(who, connection)))
+            }
+        }
     }
 }
 
@@ -160,7 +240,7 @@ struct TableRows {
 /// The Postgres sink. Every `write` commits; dropping it loses nothing.
 pub struct PostgresSink {
     cfg: PostgresConfig,
-    url: String,
+    connector: Connector,
     rt: Runtime,
     /// `None` after a connection error: the next call reconnects.
     conn: Option<Conn>,
@@ -187,12 +267,12 @@ impl std::fmt::Debug for PostgresSink {
 /// Opens the Postgres sink: connects, applies the migrations, reads the checkpoint and creates
 /// the partitions of the coming days (dropping expired ones when a retention is set).
 pub fn open(cfg: &PostgresConfig) -> Result<PostgresSink> {
-    let url = cfg.url.clone().ok_or_else(|| Error::PostgresSchema("no url configured".into()))?;
+    let connector = cfg.connector()?;
     validate_schema_name(&cfg.schema).map_err(Error::PostgresSchema)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
     let mut sink = PostgresSink {
         cfg: cfg.clone(),
-        url,
+        connector,
         rt,
         conn: None,
         migrated: false,
@@ -220,11 +300,11 @@ impl PostgresSink {
             return Ok(());
         }
         self.conn = None;
-        let (url, schema) = (self.url.as_str(), self.cfg.schema.as_str());
+        let (connector, schema) = (&self.connector, self.cfg.schema.as_str());
         let migrate = !self.migrated;
         let (conn, applied, lsn, days) = self.rt.block_on(async {
             let (conn, applied) =
-                match tokio::time::timeout(CONNECT_TIMEOUT, open_conn(url, schema, migrate)).await {
+                match tokio::time::timeout(CONNECT_TIMEOUT, open_conn(connector, schema, migrate)).await {
                     Ok(opened) => opened.map_err(|source| Error::Postgres { what: "connect", source })?,
                     Err(_) => return Err(Error::PostgresTimeout { what: "connect", after: CONNECT_TIMEOUT }),
                 };
@@ -483,16 +563,11 @@ impl Sink for PostgresSink {
 /// Opens a connection, runs the migrations when `migrate`, and prepares the sink's statements
 /// (after the migrations: COPY needs its table to exist). Returns the versions applied.
 async fn open_conn(
-    url: &str,
+    connector: &Connector,
     schema: &str,
     migrate: bool,
 ) -> Result<(Conn, Vec<i32>), tokio_postgres::Error> {
-    let (mut client, connection) = tokio_postgres::connect(url, NoTls).await?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(sink = NAME, error = %e, "postgres connection ended");
-        }
-    });
+    let (mut client, task) = connector.connect("postgres sink").await?;
     let applied = if migrate { schema::migrate(&mut client, schema).await } else { Ok(Vec::new()) };
     let applied = match applied {
         Ok(applied) => applied,

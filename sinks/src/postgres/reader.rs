@@ -7,9 +7,9 @@ use std::sync::Arc;
 use fleetpipe_processors::latest::VehicleState;
 use fleetpipe_processors::{Body, Diagnostic, Dtc, Frame, Kind, Location, Micros};
 use tokio::sync::RwLock;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{Client, Row};
 
-use super::{copy, sql, validate_schema_name};
+use super::{copy, sql, validate_schema_name, Connector, PostgresConfig};
 use crate::{Error, Result};
 
 const LATEST_SQL: &str = include_str!("sql/latest.sql");
@@ -31,7 +31,7 @@ fn query(text: &str, schema: &str, kind: Kind) -> String {
 /// Read access to the history tables.
 #[derive(Clone)]
 pub struct PostgresReader {
-    url: Arc<str>,
+    connector: Connector,
     queries: Arc<Queries>,
     client: Arc<RwLock<Option<Arc<Client>>>>,
     /// `validate.max_ahead_s`: a row further ahead of its `received_at` is never latest.
@@ -52,15 +52,17 @@ fn err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
 impl PostgresReader {
     /// `max_ahead_us`: `validate.max_ahead_s` (a row further ahead of its `received_at` is
     /// never served as latest state).
-    pub fn new(url: &str, schema: &str, max_ahead_us: Micros) -> Result<PostgresReader> {
+    pub fn new(cfg: &PostgresConfig, max_ahead_us: Micros) -> Result<PostgresReader> {
+        let schema = cfg.schema.as_str();
         validate_schema_name(schema).map_err(Error::PostgresSchema)?;
+        let connector = cfg.connector()?;
         let queries = Queries {
             latest_location: query(LATEST_SQL, schema, Kind::Location),
             latest_diagnostic: query(LATEST_SQL, schema, Kind::Diagnostic),
             track: query(TRACK_SQL, schema, Kind::Location),
         };
         Ok(PostgresReader {
-            url: url.into(),
+            connector,
             queries: Arc::new(queries),
             client: Arc::new(RwLock::new(None)),
             max_ahead_secs: max_ahead_us as f64 / 1e6,
@@ -75,12 +77,7 @@ impl PostgresReader {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await.map_err(err("connect"))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "postgres reader connection closed");
-            }
-        });
+        let (client, _task) = self.connector.connect("postgres reader").await.map_err(err("connect"))?;
         let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)

@@ -59,8 +59,13 @@ const PRUNE_SCRIPT: &str = include_str!("prune.lua");
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`. Unset: no L2.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS. Unset: no L2.
     pub url: Option<String>,
+    /// TLS (with a `rediss://` url): the CA that signs the server's certificate (else the
+    /// system's roots), and a client certificate and key for mutual TLS.
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
     /// Prefix of every key (default `fleetpipe:`).
     pub prefix: String,
     /// A vehicle's hash expires this long after its last change (seconds; default 24 h).
@@ -95,6 +100,9 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
             prefix: "fleetpipe:".to_owned(),
             ttl_secs: 24.0 * 3600.0,
             breaker_open_for: Duration::from_secs(5),
@@ -129,7 +137,29 @@ impl Keys {
 
 fn open_client(cfg: &RedisConfig) -> Result<Client> {
     let url = cfg.url.as_deref().unwrap_or_default();
-    Client::open(url).map_err(|source| Error::Redis { what: "parse the url", source })
+    let files = fleetpipe_pipeline::tls::TlsFiles {
+        section: "[redis]",
+        ca: cfg.tls_ca.clone(),
+        cert: cfg.tls_cert.clone(),
+        key: cfg.tls_key.clone(),
+    };
+    if !url.starts_with("rediss://") {
+        if files.any() {
+            return Err(Error::Config("[redis] tls_ca, tls_cert and tls_key need a rediss:// url".into()));
+        }
+        return Client::open(url).map_err(|source| Error::Redis { what: "parse the url", source });
+    }
+    let tls_err = |e: fleetpipe_pipeline::tls::TlsError| Error::Config(e.to_string());
+    let certs = redis::TlsCertificates {
+        client_tls: files
+            .client_pem()
+            .map_err(tls_err)?
+            .map(|(client_cert, client_key)| redis::ClientTlsConfig { client_cert, client_key }),
+        root_cert: files.ca_pem().map_err(tls_err)?,
+    };
+    // The client builds its rustls configuration with the process's default provider.
+    fleetpipe_pipeline::tls::install_default_provider();
+    Client::build_with_tls(url, certs).map_err(|source| Error::Redis { what: "set up TLS", source })
 }
 
 /// A connection with read/write timeouts, named `name` (`CLIENT LIST` shows who is who).
