@@ -18,7 +18,6 @@ use fleetpipe_ingest::kafka::KafkaSource;
 use fleetpipe_ingest::mqtt::MqttSource;
 use fleetpipe_pipeline::{Pipeline, Readiness, Sink, Sources, StageFactory};
 use fleetpipe_processors::dedup::Dedup;
-use fleetpipe_processors::events::EventStage;
 use fleetpipe_processors::latest::LatestCache;
 use fleetpipe_sinks::{dead_letter, kafka, parquet, postgres, redis};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -128,6 +127,20 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     if let Some(outputs) = cfg.kafka.outputs(&data_dir) {
         sinks.push(Box::new(kafka::KafkaSink::open(outputs).context("opening the Kafka outputs")?));
     }
+    let mut event_store = None;
+    if cfg.events.enabled {
+        let store = fleetpipe_pipeline::event_store::EventStore::new(cfg.events.http_per_vehicle, 4096);
+        let ecfg = fleetpipe_sinks::events::EventsConfig {
+            rules: cfg.events.rules()?,
+            commit_every: std::time::Duration::from_secs_f64(cfg.events.commit_secs.clamp(0.01, 3600.0)),
+        };
+        let (root, s) = (data_dir.clone(), store.clone());
+        let sink = tokio::task::spawn_blocking(move || fleetpipe_sinks::events::open(&ecfg, &root, s))
+            .await?
+            .context("opening the events sink")?;
+        sinks.push(Box::new(sink));
+        event_store = Some(store);
+    }
 
     // Stages, each made once per shard, in this order.
     let dedup_frames = cfg.pipeline.dedup_frames;
@@ -135,7 +148,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let stages: Vec<StageFactory> = vec![
         Box::new(move |shard| Box::new(Dedup::new((dedup_frames / shard.of).max(1)))),
         Box::new(move |_| Box::new(l1.clone())),
-        Box::new(|_| Box::new(EventStage::new())),
     ];
 
     let pcfg = fleetpipe_pipeline::PipelineConfig {
@@ -160,7 +172,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     }
     let reads = Arc::new(crate::read::Tiers { l1: latest.clone(), l2, store });
     let http_auth = (mode == AuthMode::Token).then(|| credentials.clone());
-    let http = HttpSource::bind(&cfg.http, reads, http_auth, Arc::new(move || handle.render())).await?;
+    let mut http = HttpSource::bind(&cfg.http, reads, http_auth, Arc::new(move || handle.render())).await?;
+    if let Some(store) = event_store {
+        http = http.with_events(store);
+    }
     let http_addr = http.local_addr()?;
     sources.spawn(http);
 

@@ -49,6 +49,90 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub kafka: KafkaSection,
+    pub events: EventsSection,
+}
+
+/// `[events]`: vehicle events and trips derived by event time (CONTRACT.md §9).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSection {
+    pub enabled: bool,
+    /// A frame this much older than the newest of its vehicle is late for events.
+    pub allowed_lateness_s: f64,
+    /// A fix at this speed or faster moves (a motion trip starts at the first one).
+    pub min_speed_kmh: f64,
+    /// A fix this far from where the vehicle stood moves.
+    pub min_move_m: f64,
+    /// A motion trip ends at its last moving fix once the vehicle has stood this long.
+    pub stop_after_s: f64,
+    /// No frame for this long (event time, or receive time for a silent vehicle) ends a trip.
+    pub gap_s: f64,
+    /// Fixes less accurate than this add no distance and cross no geofence.
+    pub max_accuracy_m: f64,
+    /// No frame for this long on the receive clock: `vehicle_offline`.
+    pub offline_after_s: f64,
+    /// A GeoJSON FeatureCollection of geofences (polygons, points with `radius_m`).
+    pub geofences: Option<PathBuf>,
+    /// A fix within this distance of a geofence's boundary changes nothing.
+    pub geofence_margin_m: f64,
+    /// The events sink commits (files, state, checkpoint) at most this often.
+    pub commit_secs: f64,
+    /// Events and trips per vehicle the HTTP API keeps in memory.
+    pub http_per_vehicle: usize,
+}
+
+impl Default for EventsSection {
+    fn default() -> Self {
+        let r = fleetpipe_processors::events::EventRules::default();
+        let secs = |us: i64| us as f64 / 1e6;
+        EventsSection {
+            enabled: true,
+            allowed_lateness_s: secs(r.allowed_lateness_us),
+            min_speed_kmh: r.min_speed_kmh,
+            min_move_m: r.min_move_m,
+            stop_after_s: secs(r.stop_after_us),
+            gap_s: secs(r.gap_us),
+            max_accuracy_m: r.max_accuracy_m,
+            offline_after_s: secs(r.offline_after_us),
+            geofences: None,
+            geofence_margin_m: r.geofence_margin_m,
+            commit_secs: 1.0,
+            http_per_vehicle: 1000,
+        }
+    }
+}
+
+impl EventsSection {
+    /// The engine's rules, with the geofences read from their file.
+    pub fn rules(&self) -> anyhow::Result<fleetpipe_processors::events::EventRules> {
+        let us = |name: &str, s: f64| -> anyhow::Result<i64> {
+            if !(0.0..=1e9).contains(&s) {
+                bail!("events.{name} must be between 0 and 10^9 seconds, not {s}");
+            }
+            Ok((s * 1e6) as i64)
+        };
+        let geofences = match &self.geofences {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading events.geofences {}", path.display()))?;
+                fleetpipe_processors::events::parse_geojson(&text)
+                    .map_err(|e| anyhow::anyhow!("events.geofences {}: {e}", path.display()))?
+            }
+            None => Vec::new(),
+        };
+        Ok(fleetpipe_processors::events::EventRules {
+            allowed_lateness_us: us("allowed_lateness_s", self.allowed_lateness_s)?,
+            min_speed_kmh: self.min_speed_kmh,
+            min_move_m: self.min_move_m,
+            stop_after_us: us("stop_after_s", self.stop_after_s)?,
+            gap_us: us("gap_s", self.gap_s)?,
+            max_accuracy_m: self.max_accuracy_m,
+            offline_after_us: us("offline_after_s", self.offline_after_s)?,
+            geofence_margin_m: self.geofence_margin_m,
+            geofences,
+            ..fleetpipe_processors::events::EventRules::default()
+        })
+    }
 }
 
 impl Default for Config {
@@ -68,6 +152,7 @@ impl Default for Config {
             postgres: PostgresConfig::default(),
             redis: RedisConfig::default(),
             kafka: KafkaSection::default(),
+            events: EventsSection::default(),
         }
     }
 }

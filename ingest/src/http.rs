@@ -28,6 +28,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{Credentials, Identity};
+
+mod events;
 use crate::{Error, Result};
 
 /// `[http]`: the API.
@@ -156,6 +158,8 @@ pub struct ApiState {
     pub readiness: Arc<Readiness>,
     /// On while the log cannot be written: ingest answers 503 at once.
     pub pushback: Pushback,
+    /// Vehicle events and trips (`None`: events are off).
+    pub events: Option<fleetpipe_pipeline::event_store::EventStore>,
 }
 
 /// The HTTP API as a source: ingest, reads, metrics and probes on one listener.
@@ -167,9 +171,16 @@ pub struct HttpSource {
     reads: Arc<dyn ReadPath>,
     credentials: Option<Credentials>,
     render_metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    events: Option<fleetpipe_pipeline::event_store::EventStore>,
 }
 
 impl HttpSource {
+    /// Serves vehicle events and trips from `store` (`GET …/trips`, `…/events`, the stream).
+    pub fn with_events(mut self, store: fleetpipe_pipeline::event_store::EventStore) -> HttpSource {
+        self.events = Some(store);
+        self
+    }
+
     /// Binds `cfg.addr` (port 0 picks a free one). With `credentials`, ingest requires a
     /// credential's token and takes only frames of vehicles in its scope.
     pub async fn bind(
@@ -189,7 +200,7 @@ impl HttpSource {
             }
             None => None,
         };
-        Ok(HttpSource { listener, admin, cfg: cfg.clone(), reads, credentials, render_metrics })
+        Ok(HttpSource { listener, admin, cfg: cfg.clone(), reads, credentials, render_metrics, events: None })
     }
 
     /// The address the API listens on.
@@ -226,6 +237,7 @@ impl Source for HttpSource {
             render_metrics: self.render_metrics,
             readiness: ctx.readiness,
             pushback: ctx.pushback,
+            events: self.events,
         };
         ctx.ready.set(true);
         let limits = Limits {
@@ -352,6 +364,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/vehicles", get(near_vehicles))
         .route("/v1/vehicles/:id", get(get_vehicle))
         .route("/v1/vehicles/:id/track", get(track))
+        .route("/v1/vehicles/:id/trips", get(events::trips))
+        .route("/v1/vehicles/:id/events", get(events::events))
+        .route("/v1/events/stream", get(events::stream))
         .route("/metrics", get(metrics_text))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

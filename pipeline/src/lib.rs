@@ -32,6 +32,7 @@ mod acker;
 mod backlog;
 pub mod driver;
 pub mod entry;
+pub mod event_store;
 mod record;
 mod shard;
 pub mod sink;

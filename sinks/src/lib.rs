@@ -7,11 +7,14 @@
 //! - [`postgres`]: day-partitioned history (and its reader for the API).
 //! - [`redis`]: the L2 latest-state cache (and its reader).
 //! - [`kafka`]: the clean and dead-letter topics for stream consumers.
+//! - [`events`]: vehicle events and trips derived by event time, in Parquet and the store the
+//!   HTTP API reads.
 //!
 //! Each module exports its `serde` config type (closed, defaults in one place) and an `open`.
 //! This crate knows nothing of sources.
 
 pub mod dead_letter;
+pub mod events;
 pub mod files;
 pub mod kafka;
 pub mod parquet;

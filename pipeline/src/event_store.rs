@@ -1,0 +1,193 @@
+//! What the HTTP API reads of vehicle events without any database: each vehicle's recent events
+//! and completed trips, its trip under way, and a stream of new events for Server-Sent Events.
+//! The events sink fills it as it derives (before its files are committed, so a trip shows
+//! within a second of the frame that completed it) and, at start, from its committed files.
+//! Bounded: at most `max_per_vehicle` events and trips per vehicle, the oldest leaving first.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use fleetpipe_processors::Micros;
+use serde_json::Value;
+
+/// One stored event or trip: its time (event time; a trip's start), id, type and JSON.
+#[derive(Debug, Clone)]
+struct Item {
+    ts: Micros,
+    id: Arc<str>,
+    kind: &'static str,
+    json: Arc<Value>,
+}
+
+#[derive(Debug, Default)]
+struct VehicleLog {
+    events: VecDeque<Item>,
+    trips: VecDeque<Item>,
+    open: Option<Arc<Value>>,
+}
+
+/// The shared store (cheap to clone).
+#[derive(Clone)]
+pub struct EventStore {
+    inner: Arc<Mutex<HashMap<String, VehicleLog>>>,
+    stream: tokio::sync::broadcast::Sender<Arc<Value>>,
+    max_per_vehicle: usize,
+}
+
+impl std::fmt::Debug for EventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStore").field("max_per_vehicle", &self.max_per_vehicle).finish_non_exhaustive()
+    }
+}
+
+/// Inserts `item` in time order unless its id is there already; drops the oldest past `max`.
+fn insert(list: &mut VecDeque<Item>, item: Item, max: usize) -> bool {
+    if list.iter().rev().any(|i| i.id == item.id) {
+        return false;
+    }
+    let at = list.iter().rposition(|i| (i.ts, &*i.id) <= (item.ts, &*item.id)).map_or(0, |p| p + 1);
+    list.insert(at, item);
+    while list.len() > max {
+        list.pop_front();
+    }
+    true
+}
+
+impl EventStore {
+    /// `stream_capacity`: events a Server-Sent Events reader may fall behind before it is dropped.
+    pub fn new(max_per_vehicle: usize, stream_capacity: usize) -> EventStore {
+        let (stream, _) = tokio::sync::broadcast::channel(stream_capacity.max(1));
+        EventStore { inner: Arc::default(), stream, max_per_vehicle: max_per_vehicle.max(1) }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, VehicleLog>) -> R) -> R {
+        f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Records an event (once per id); a new one goes to the stream when `live`.
+    pub fn record_event(
+        &self,
+        vehicle_id: &str,
+        ts: Micros,
+        id: &str,
+        kind: &'static str,
+        json: Value,
+        live: bool,
+    ) {
+        let json = Arc::new(json);
+        let item = Item { ts, id: id.into(), kind, json: Arc::clone(&json) };
+        let max = self.max_per_vehicle;
+        let new = self.with(|m| insert(&mut m.entry(vehicle_id.to_owned()).or_default().events, item, max));
+        if new && live {
+            let _ = self.stream.send(json);
+        }
+    }
+
+    /// Records a completed trip (once per id); it is no longer the vehicle's open trip.
+    pub fn record_trip(&self, vehicle_id: &str, start_ts: Micros, trip_id: &str, json: Value) {
+        let item = Item { ts: start_ts, id: trip_id.into(), kind: "trip", json: Arc::new(json) };
+        let max = self.max_per_vehicle;
+        self.with(|m| {
+            let log = m.entry(vehicle_id.to_owned()).or_default();
+            if log.open.as_ref().is_some_and(|o| o["trip_id"].as_str() == Some(trip_id)) {
+                log.open = None;
+            }
+            insert(&mut log.trips, item, max);
+        });
+    }
+
+    /// The vehicle's trip under way (`None`: none).
+    pub fn set_open_trip(&self, vehicle_id: &str, trip: Option<Value>) {
+        self.with(|m| match trip {
+            Some(t) => m.entry(vehicle_id.to_owned()).or_default().open = Some(Arc::new(t)),
+            None => {
+                if let Some(log) = m.get_mut(vehicle_id) {
+                    log.open = None;
+                }
+            }
+        });
+    }
+
+    /// Events of a vehicle with `from <= ts < to`, oldest first, of one type if given.
+    pub fn events(
+        &self,
+        vehicle_id: &str,
+        from: Micros,
+        to: Micros,
+        kind: Option<&str>,
+        limit: usize,
+    ) -> Vec<Arc<Value>> {
+        self.with(|m| {
+            m.get(vehicle_id).map_or_else(Vec::new, |log| {
+                log.events
+                    .iter()
+                    .filter(|i| i.ts >= from && i.ts < to && kind.is_none_or(|k| k == i.kind))
+                    .take(limit)
+                    .map(|i| Arc::clone(&i.json))
+                    .collect()
+            })
+        })
+    }
+
+    /// Completed trips of a vehicle that start in `from <= start < to`, oldest first; with
+    /// `include_open`, the trip under way after them.
+    pub fn trips(
+        &self,
+        vehicle_id: &str,
+        from: Micros,
+        to: Micros,
+        include_open: bool,
+        limit: usize,
+    ) -> Vec<Arc<Value>> {
+        self.with(|m| {
+            m.get(vehicle_id).map_or_else(Vec::new, |log| {
+                let mut out: Vec<Arc<Value>> = log
+                    .trips
+                    .iter()
+                    .filter(|i| i.ts >= from && i.ts < to)
+                    .take(limit)
+                    .map(|i| Arc::clone(&i.json))
+                    .collect();
+                if include_open {
+                    out.extend(log.open.iter().cloned());
+                }
+                out
+            })
+        })
+    }
+
+    /// A receiver of every new event from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Value>> {
+        self.stream.subscribe()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn events_are_kept_once_in_time_order_and_bounded_per_vehicle() {
+        let store = EventStore::new(3, 16);
+        let mut rx = store.subscribe();
+        for (ts, id) in [(30, "c"), (10, "a"), (20, "b"), (10, "a"), (40, "d")] {
+            store.record_event("V", ts, id, "dtc_raised", json!({"event_id": id}), true);
+        }
+        let ids: Vec<Value> =
+            store.events("V", 0, 100, None, 10).iter().map(|v| v["event_id"].clone()).collect();
+        assert_eq!(ids, [json!("b"), json!("c"), json!("d")], "once each, oldest first, three kept");
+        assert!(store.events("V", 0, 100, Some("trip_started"), 10).is_empty());
+        let streamed: Vec<Value> =
+            std::iter::from_fn(|| rx.try_recv().ok()).map(|v| v["event_id"].clone()).collect();
+        assert_eq!(streamed, [json!("c"), json!("a"), json!("b"), json!("d")]);
+        store.set_open_trip("V", Some(json!({"trip_id": "t1", "open": true})));
+        assert_eq!(store.trips("V", 0, 100, true, 10).len(), 1);
+        store.record_trip("V", 5, "t1", json!({"trip_id": "t1"}));
+        let trips = store.trips("V", 0, 100, true, 10);
+        assert_eq!(trips.len(), 1, "the completed trip replaces the open one");
+        assert_eq!(trips[0]["trip_id"], "t1");
+        assert!(trips[0].get("open").is_none());
+    }
+}
