@@ -134,8 +134,22 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             rules: cfg.events.rules()?,
             commit_every: std::time::Duration::from_secs_f64(cfg.events.commit_secs.clamp(0.01, 3600.0)),
         };
+        if let Some(kcfg) = cfg.kafka.events(&data_dir) {
+            sinks.push(Box::new(
+                fleetpipe_sinks::events::open_kafka(&ecfg, &kcfg)
+                    .context("opening the Kafka events output")?,
+            ));
+        }
+        if cfg.postgres.url.is_some() {
+            let (ecfg, pg) = (ecfg.clone(), cfg.postgres.clone());
+            let sink =
+                tokio::task::spawn_blocking(move || fleetpipe_sinks::events::open_postgres(&ecfg, &pg))
+                    .await?
+                    .context("opening the Postgres events sink")?;
+            sinks.push(Box::new(sink));
+        }
         let (root, s) = (data_dir.clone(), store.clone());
-        let sink = tokio::task::spawn_blocking(move || fleetpipe_sinks::events::open(&ecfg, &root, s))
+        let sink = tokio::task::spawn_blocking(move || fleetpipe_sinks::events::open_files(&ecfg, &root, s))
             .await?
             .context("opening the events sink")?;
         sinks.push(Box::new(sink));

@@ -176,6 +176,8 @@ pub struct KafkaSection {
     pub clean_topic: String,
     /// Rejected input with a `reason` header; `""` switches it off.
     pub dlq_topic: String,
+    /// Vehicle events (with `[events]` on), key `vehicle_id`; `""` switches it off.
+    pub events_topic: String,
     /// Longest a revoked partition (or the drain) waits for its entries to become durable.
     pub revoke_wait_secs: f64,
     /// TLS toward the brokers (on once any of these is set, or with `tls = true`): the CA that
@@ -204,6 +206,7 @@ impl Default for KafkaSection {
             batch_messages: 1024,
             clean_topic: "vehicle-frames-clean".into(),
             dlq_topic: "vehicle-frames-dlq".into(),
+            events_topic: "vehicle-events".into(),
             revoke_wait_secs: 10.0,
             tls: false,
             tls_ca: None,
@@ -248,6 +251,18 @@ impl KafkaSection {
             flush_timeout: Duration::from_secs(30),
             properties: self.client_properties(),
             checkpoint: data_dir.join("_fleetpipe").join("kafka.checkpoint"),
+        })
+    }
+
+    /// The events output's settings, when Kafka is configured and its topic is on.
+    pub fn events(&self, data_dir: &Path) -> Option<fleetpipe_sinks::events::kafka::KafkaEventsConfig> {
+        let brokers = self.brokers.clone().filter(|_| !self.events_topic.is_empty())?;
+        Some(fleetpipe_sinks::events::kafka::KafkaEventsConfig {
+            brokers,
+            client_id: self.client_id(),
+            topic: self.events_topic.clone(),
+            properties: self.client_properties(),
+            data_dir: data_dir.to_path_buf(),
         })
     }
 

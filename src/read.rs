@@ -113,7 +113,13 @@ impl ReadPath for Tiers {
         Box::pin(async move {
             let Some(store) = &self.store else { return Ok(None) };
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            store.track(id, from, to, limit).await.map(Some).map_err(|e| ReadError::new("postgres", e))
+            store.track(id, from, to, limit).await.map(Some).map_err(|e| match &e {
+                // Postgres answered (a SQLSTATE): a retry will not help.
+                fleetpipe_sinks::Error::Postgres { source, .. } if source.code().is_some() => {
+                    ReadError::failed("postgres", e)
+                }
+                _ => ReadError::new("postgres", e),
+            })
         })
     }
 }

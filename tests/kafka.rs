@@ -26,6 +26,8 @@ fn kafka_config(dir: &std::path::Path, brokers: &str, group: &str) -> fleetpipe:
     cfg.kafka.brokers = Some(brokers.to_owned());
     cfg.kafka.group = group.to_owned();
     cfg.kafka.client_id = Some(format!("fleetpipe-test-{}", unique()));
+    // Vehicle events have a test of their own (tests/events.rs).
+    cfg.kafka.events_topic = String::new();
     cfg
 }
 

@@ -22,7 +22,7 @@ fn write_config(dir: &Path, http_port: u16, brokers: &str, group: &str, schema: 
         format!(
             "data_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{http_port}\"\n[gateway]\nlisten = \"127.0.0.1:{}\"\n\
              [parquet]\nroll_secs = 0.5\n[postgres]\nurl = \"{PG_URL}\"\nschema = \"{schema}\"\n\
-             [kafka]\nbrokers = \"{brokers}\"\ngroup = \"{group}\"\nclient_id = \"{name}\"\nclean_topic = \"\"\ndlq_topic = \"\"\n",
+             [kafka]\nbrokers = \"{brokers}\"\ngroup = \"{group}\"\nclient_id = \"{name}\"\nclean_topic = \"\"\ndlq_topic = \"\"\nevents_topic = \"\"\n",
             dir.join("data").display(),
             free_port(),
         ),

@@ -37,6 +37,7 @@ async fn a_stalled_sink_pauses_the_consumer_which_resumes_by_itself_and_loses_no
     cfg.kafka.group = format!("fleetpipe-{}", unique());
     cfg.kafka.clean_topic = String::new();
     cfg.kafka.dlq_topic = String::new();
+    cfg.kafka.events_topic = String::new();
     cfg.kafka.batch_messages = 200;
     cfg.wal.segment_mib = 1;
     cfg.wal.max_mib = 2;

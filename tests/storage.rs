@@ -59,6 +59,15 @@ async fn the_real_drive_lands_in_postgres_and_redis_and_reads_fall_through_l1_l2
     let seqs: Vec<i64> =
         track["track"].as_array().unwrap().iter().map(|p| p["seq"].as_i64().unwrap()).collect();
     assert_eq!(seqs, vec![1, 2, 3], "the track between 04:43:00 and 04:43:08, in time order");
+    // Without `from` (or with only `limit` or `to`): from the start of history, not an error.
+    for query in ["", "?limit=5", "?to=2021-07-26T04:43:08Z", "?from=-99999999999999&to=99999999999999999"] {
+        let (status, track) =
+            http_get(running.http_addr, &format!("/v1/vehicles/CSS-3BA199E2/track{query}")).await;
+        assert_eq!(status, 200, "{query}: {track}");
+        let first: Vec<i64> =
+            track["track"].as_array().unwrap().iter().take(3).map(|p| p["seq"].as_i64().unwrap()).collect();
+        assert_eq!(first, vec![1, 2, 3], "{query}");
+    }
     running.stop().await.unwrap();
 
     let rows = client

@@ -50,7 +50,7 @@ async fn postgres_redis_and_kafka_over_tls_with_passwords_store_every_frame() {
     let brokers = tansu.brokers();
     let ca = pki.path("ca.pem");
     let kafka_tls = [("KAFKA_TLS_CA", ca.as_str())];
-    for topic in ["vehicle-frames", "vehicle-frames-clean", "vehicle-frames-dlq"] {
+    for topic in ["vehicle-frames", "vehicle-frames-clean", "vehicle-frames-dlq", "vehicle-events"] {
         kafka_client_with(&kafka_tls, &["create", &brokers, topic, "1"]);
     }
 

@@ -80,11 +80,20 @@ pub struct ReadError {
     pub tier: &'static str,
     #[source]
     pub source: BoxError,
+    /// The tier could not be reached (answered `503` + `Retry-After`); else it answered with
+    /// an error (`500`, logged: a retry will not help).
+    pub unavailable: bool,
 }
 
 impl ReadError {
+    /// The tier could not be reached.
     pub fn new(tier: &'static str, source: impl Into<BoxError>) -> Self {
-        ReadError { tier, source: source.into() }
+        ReadError { tier, source: source.into(), unavailable: true }
+    }
+
+    /// The tier answered with an error.
+    pub fn failed(tier: &'static str, source: impl Into<BoxError>) -> Self {
+        ReadError { tier, source: source.into(), unavailable: false }
     }
 }
 
@@ -680,18 +689,22 @@ async fn track(
     if !caller.allows(&id) {
         return out_of_scope(&id);
     }
+    // History bounds: the years 1 to 9999, what every store can hold.
+    const OLDEST: Micros = -62_135_596_800_000_000;
+    const NEWEST: Micros = 253_402_300_799_999_999;
     let from = match q.from.as_deref().map(parse_time) {
-        None => i64::MIN / 2,
+        None => OLDEST,
         Some(Some(t)) => t,
         Some(None) => {
             return error(StatusCode::BAD_REQUEST, "bad_query", "from must be RFC 3339 or epoch ms")
         }
     };
     let to = match q.to.as_deref().map(parse_time) {
-        None => i64::MAX / 2,
+        None => NEWEST,
         Some(Some(t)) => t,
         Some(None) => return error(StatusCode::BAD_REQUEST, "bad_query", "to must be RFC 3339 or epoch ms"),
     };
+    let (from, to) = (from.clamp(OLDEST, NEWEST), to.clamp(OLDEST, NEWEST));
     let limit = q.limit.unwrap_or(1000).min(100_000);
     match st.reads.track(&id, from, to, limit).await {
         Ok(Some(frames)) => {
@@ -703,7 +716,15 @@ async fn track(
             "not_configured",
             "track history is served from Postgres; none is configured",
         ),
-        Err(e) => overloaded(&format!("history unavailable: {e}")),
+        Err(e) if e.unavailable => overloaded(&format!("history unavailable: {e}")),
+        Err(e) => {
+            tracing::warn!(vehicle_id = %id, error = %e, "history read failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "history_error",
+                format!("reading the history failed: {e}"),
+            )
+        }
     }
 }
 

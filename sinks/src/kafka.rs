@@ -48,12 +48,12 @@ pub struct KafkaSinkConfig {
 
 /// Counts failed deliveries between flushes.
 #[derive(Default)]
-struct Deliveries {
-    failed: AtomicU64,
-    last_error: std::sync::Mutex<Option<String>>,
+pub(crate) struct Deliveries {
+    pub(crate) failed: AtomicU64,
+    pub(crate) last_error: std::sync::Mutex<Option<String>>,
 }
 
-struct Context(Arc<Deliveries>);
+pub(crate) struct Context(pub(crate) Arc<Deliveries>);
 
 impl ClientContext for Context {}
 

@@ -109,6 +109,88 @@ pub(super) async fn events(
         .into_response()
 }
 
+/// What the stream sends: an event, or the end for a reader that fell behind.
+#[derive(Debug, Clone, PartialEq)]
+enum Update {
+    Event { kind: String, data: String },
+    End { data: String },
+}
+
+/// The events a reader may see (of `vehicle`, if given), until it falls behind by the store's
+/// stream capacity: then one `End` saying so, and nothing more.
+fn updates(
+    rx: tokio::sync::broadcast::Receiver<Arc<Value>>,
+    vehicle: Option<String>,
+    caller: Arc<Caller>,
+) -> impl futures_util::Stream<Item = Update> {
+    futures_util::stream::unfold(Some(rx), move |rx| {
+        let (vehicle, caller) = (vehicle.clone(), Arc::clone(&caller));
+        async move {
+            let mut rx = rx?;
+            loop {
+                match rx.recv().await {
+                    Ok(e) => {
+                        let vid = e["vehicle_id"].as_str().unwrap_or_default();
+                        if vehicle.as_deref().is_some_and(|v| v != vid) || !caller.allows(vid) {
+                            continue;
+                        }
+                        let kind = e["type"].as_str().unwrap_or("event").to_owned();
+                        return Some((Update::Event { kind, data: e.to_string() }, Some(rx)));
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        metrics::counter!("fleetpipe_event_stream_dropped_total").increment(1);
+                        let end = json!({
+                            "error": "slow_reader",
+                            "detail": format!("this reader fell {missed} events behind and was dropped; resume from GET /v1/vehicles/{{id}}/events, the vehicle-events topic or the tables"),
+                        });
+                        return Some((Update::End { data: end.to_string() }, None));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    fn record(store: &EventStore, vehicle: &str, id: &str) {
+        let e = json!({"event_id": id, "vehicle_id": vehicle, "type": "dtc_raised"});
+        store.record_event(vehicle, 0, id, "dtc_raised", e, true);
+    }
+
+    #[tokio::test]
+    async fn a_reader_gets_its_vehicles_events_and_one_that_falls_behind_is_ended_with_a_reason() {
+        let store = EventStore::new(100, 4);
+        let mut reader = Box::pin(updates(store.subscribe(), Some("A".into()), Arc::new(Caller(None))));
+        record(&store, "B", "b1");
+        record(&store, "A", "a1");
+        let first = reader.next().await.unwrap();
+        assert!(
+            matches!(&first, Update::Event { kind, data } if kind == "dtc_raised" && data.contains("\"a1\"")),
+            "{first:?}"
+        );
+        // Ten more than the stream holds while the reader does not read: it is ended.
+        for i in 0..10 {
+            record(&store, "A", &format!("a{}", i + 2));
+        }
+        let end = reader.next().await.unwrap();
+        assert!(
+            matches!(&end, Update::End { data } if data.contains("slow_reader") && data.contains("fell 6 events behind")),
+            "{end:?}"
+        );
+        assert_eq!(reader.next().await, None, "nothing after the end");
+        // Others are not held up: a new reader gets what comes next.
+        let mut other = Box::pin(updates(store.subscribe(), None, Arc::new(Caller(None))));
+        record(&store, "B", "b2");
+        assert!(matches!(other.next().await.unwrap(), Update::Event { data, .. } if data.contains("b2")));
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub(super) struct StreamQuery {
     vehicle: Option<String>,
@@ -132,36 +214,12 @@ pub(super) async fn stream(
             return out_of_scope(v);
         }
     }
-    let rx = store.subscribe();
-    let filter = q.vehicle;
     let caller = Arc::new(caller);
-    let stream = futures_util::stream::unfold(Some(rx), move |rx| {
-        let (filter, caller) = (filter.clone(), Arc::clone(&caller));
-        async move {
-            let mut rx = rx?;
-            loop {
-                match rx.recv().await {
-                    Ok(e) => {
-                        let vid = e["vehicle_id"].as_str().unwrap_or_default();
-                        if filter.as_deref().is_some_and(|f| f != vid) || !caller.allows(vid) {
-                            continue;
-                        }
-                        let kind = e["type"].as_str().unwrap_or("event").to_owned();
-                        let ev = SseEvent::default().event(kind).data(e.to_string());
-                        return Some((Ok::<_, Infallible>(ev), Some(rx)));
-                    }
-                    Err(RecvError::Lagged(missed)) => {
-                        metrics::counter!("fleetpipe_event_stream_dropped_total").increment(1);
-                        let end = json!({
-                            "error": "slow_reader",
-                            "detail": format!("this reader fell {missed} events behind and was dropped; resume from GET /v1/vehicles/{{id}}/events, the vehicle-events topic or the tables"),
-                        });
-                        return Some((Ok(SseEvent::default().event("end").data(end.to_string())), None));
-                    }
-                    Err(RecvError::Closed) => return None,
-                }
-            }
-        }
+    let stream = futures_util::StreamExt::map(updates(store.subscribe(), q.vehicle, caller), |u| {
+        Ok::<_, Infallible>(match u {
+            Update::Event { kind, data } => SseEvent::default().event(kind).data(data),
+            Update::End { data } => SseEvent::default().event("end").data(data),
+        })
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }

@@ -282,7 +282,7 @@ struct Vehicle {
     anchor: Option<Fix>,
     uses_ignition: bool,
     ignition: bool,
-    trip: Option<OpenTrip>,
+    trip: Option<Box<OpenTrip>>,
     dtcs: Vec<DtcCode>,
     fuel: Option<f64>,
     soc: Option<f64>,
@@ -594,7 +594,7 @@ fn start_trip(
         detected_at,
         what: What::TripStarted { trip_id: trip_id.clone(), start },
     });
-    v.trip = Some(OpenTrip {
+    v.trip = Some(Box::new(OpenTrip {
         summary: Trip {
             trip_id,
             vehicle_id: vid.to_owned(),
@@ -618,7 +618,7 @@ fn start_trip(
         max_speed_kmh: None,
         prev: None,
         last_moving: fix,
-    });
+    }));
 }
 
 /// Adds the step from the trip's previous usable fix to `fix`.

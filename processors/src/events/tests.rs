@@ -414,3 +414,16 @@ fn ids_are_functions_of_the_frames() {
     assert_eq!(json["trip"]["trip_id"], json["trip_id"]);
     assert_eq!(json["trip"]["start"]["ts"], "2021-07-26T04:43:06.329Z");
 }
+
+#[test]
+fn a_tracked_vehicle_holds_a_few_hundred_bytes_beside_its_reorder_buffer() {
+    // The state of a vehicle: its entry (the struct, its map slot and id), an open trip, and
+    // per buffered frame a B-tree slot of key and what the engine keeps of it.
+    let vehicle = std::mem::size_of::<Vehicle>() + std::mem::size_of::<String>() + 16;
+    let trip = std::mem::size_of::<OpenTrip>();
+    let per_frame = std::mem::size_of::<(Key, Pending)>();
+    println!("vehicle {vehicle} B, open trip {trip} B, per buffered frame {per_frame} B");
+    assert!(vehicle <= 320, "{vehicle}");
+    assert!(trip <= 400, "{trip}");
+    assert!(per_frame <= 128, "{per_frame}");
+}

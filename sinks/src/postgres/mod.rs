@@ -38,7 +38,7 @@
 
 mod copy;
 mod reader;
-mod schema;
+pub(crate) mod schema;
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};

@@ -11,7 +11,10 @@ use tokio_postgres::Client;
 use fleetpipe_processors::time::{compact_date, date_string, days_from_civil, parse_compact_date};
 
 /// `(version, sql)`, in order. `{schema}` in the text is replaced by the quoted schema name.
-pub(crate) const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_tables.sql"))];
+pub(crate) const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/0001_tables.sql")),
+    (2, include_str!("../../migrations/0002_events.sql")),
+];
 
 const MIGRATIONS_TABLE_SQL: &str = include_str!("sql/migrations_table.sql");
 const CREATE_PARTITION_SQL: &str = include_str!("sql/create_partition.sql");
@@ -22,7 +25,7 @@ const DAY_TABLES_SQL: &str = include_str!("sql/day_tables.sql");
 const LOCK_CLASS: i32 = 0x666c_7070;
 
 /// The partitioned tables, one partition per UTC day each.
-pub(crate) const TABLES: [&str; 2] = ["locations", "diagnostics"];
+pub(crate) const TABLES: [&str; 4] = ["locations", "diagnostics", "vehicle_events", "trips"];
 
 /// Most partitions created in one transaction: each takes locks that count against
 /// `max_locks_per_transaction`, and a backfill over years needs thousands.
@@ -102,7 +105,7 @@ fn day_start(day: i64) -> String {
     format!("{} 00:00:00+00", date_string(day))
 }
 
-/// Creates the partitions of both tables for `days` (each must be [`partitionable`]), a few
+/// Creates the partitions of every table for `days` (each must be [`partitionable`]), a few
 /// dozen days per transaction, under the schema's advisory lock.
 pub(crate) async fn create_partitions(
     client: &mut Client,
@@ -170,14 +173,14 @@ pub(crate) async fn day_tables(
     Ok(out)
 }
 
-/// Days for which both tables have an attached partition.
+/// Days for which every table has an attached partition.
 pub(crate) fn complete_days(tables: &[DayTable]) -> HashSet<i64> {
     let mut seen: HashSet<(&str, i64)> = HashSet::new();
     for t in tables.iter().filter(|t| t.attached) {
         seen.insert((t.table, t.day));
     }
     seen.iter()
-        .filter(|(table, day)| *table == TABLES[0] && seen.contains(&(TABLES[1], *day)))
+        .filter(|(table, day)| *table == TABLES[0] && TABLES.iter().all(|t| seen.contains(&(*t, *day))))
         .map(|(_, d)| *d)
         .collect()
 }
@@ -294,15 +297,16 @@ mod tests {
     }
 
     #[test]
-    fn a_day_counts_as_present_only_when_both_tables_have_an_attached_partition() {
+    fn a_day_counts_as_present_only_when_every_table_has_an_attached_partition() {
         let t = |table, day, attached| DayTable { table, day, attached, detach_pending: false };
-        let tables = [
-            t("locations", 1, true),
-            t("diagnostics", 1, true),
+        let mut tables: Vec<DayTable> = TABLES.iter().map(|table| t(table, 1, true)).collect();
+        tables.extend([
             t("locations", 2, true),
+            t("diagnostics", 2, true),
+            t("vehicle_events", 2, true),
             t("diagnostics", 3, false),
-        ];
-        assert_eq!(complete_days(&tables), HashSet::from([1]));
+        ]);
+        assert_eq!(complete_days(&tables), HashSet::from([1]), "day 2 lacks its trips partition");
     }
 
     #[test]

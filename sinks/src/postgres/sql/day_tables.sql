@@ -1,4 +1,4 @@
--- Every locations_YYYYMMDD / diagnostics_YYYYMMDD table of the schema ($1), attached or not:
+-- Every {locations,diagnostics,vehicle_events,trips}_YYYYMMDD table of the schema ($1), attached or not:
 -- its name, its parent, and whether a DETACH ... CONCURRENTLY of it is pending.
 SELECT c.relname::text, p.relname::text, coalesce(i.inhdetachpending, false)
   FROM pg_class c
@@ -6,4 +6,4 @@ SELECT c.relname::text, p.relname::text, coalesce(i.inhdetachpending, false)
   LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
   LEFT JOIN pg_class p ON p.oid = i.inhparent
  WHERE n.nspname = $1 AND c.relkind = 'r'
-   AND c.relname ~ '^(locations|diagnostics)_[0-9]{8}$'
+   AND c.relname ~ '^(locations|diagnostics|vehicle_events|trips)_[0-9]{8}$'

@@ -1,13 +1,10 @@
-//! The events sink: runs the event engine ([`fleetpipe_processors::events`]) over the log, in
-//! log order like every sink, and keeps what it derives in Parquet (`events/` and `trips/`,
-//! hive-partitioned by date) and in the [`EventStore`] the HTTP API reads.
+//! The events sink's files: Parquet `events/` and `trips/`, hive-partitioned by date, and the
+//! engine's state, committed together.
 //!
-//! Its checkpoint is the engine's state: each commit writes the new files and a snapshot of
-//! the state aside, then a checkpoint naming them and the log position they cover, then puts
-//! them in place. The checkpoint is the commit point: after a crash the renames it names are
-//! redone, anything else written aside is deleted, the engine restarts from the snapshot, and
-//! the log replays what came after, so exactly the events not yet committed are derived again
-//! (with the same ids; see the engine).
+//! Each commit writes the new files and a snapshot of the state aside, then a checkpoint naming
+//! them and the log position they cover, then puts them in place. The checkpoint is the commit
+//! point: after a crash the renames it names are redone and anything else written aside is
+//! deleted.
 //!
 //! Layout: `{root}/events/date=YYYY-MM-DD/events-{g:010}.parquet` (by the event's `ts`),
 //! `{root}/trips/date=YYYY-MM-DD/trips-{g:010}.parquet` (by the trip's start), control files
@@ -17,7 +14,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use ::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use ::parquet::arrow::ArrowWriter;
@@ -26,24 +22,16 @@ use ::parquet::file::properties::WriterProperties;
 use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use fleetpipe_pipeline::event_store::EventStore;
-use fleetpipe_pipeline::{Sink, SinkError};
-use fleetpipe_processors::events::{event_json, trip_json, Engine, Event, EventRules, Trip, What};
+use fleetpipe_processors::events::{event_json, trip_json, Event, Trip, What};
 use fleetpipe_processors::time::{date_string, day_of};
-use fleetpipe_processors::{Batch, Lsn, Micros};
+use fleetpipe_processors::{Lsn, Micros};
 use serde::{Deserialize, Serialize};
 
+use super::{record_event_json, record_trip_json, EventOutput};
 use crate::files::rolling::{fsync_dir, remove_quietly};
 use crate::{io_err, Error, Result};
 
 const NAME: &str = "events";
-
-/// How the events sink runs.
-#[derive(Debug, Clone)]
-pub struct EventsConfig {
-    pub rules: EventRules,
-    /// Commits (files, snapshot, checkpoint) at most this often.
-    pub commit_every: Duration,
-}
 
 /// The commit record: the position covered, the snapshot, and the renames that publish it.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -56,31 +44,13 @@ struct Checkpoint {
     renames: Vec<(String, String)>,
 }
 
-/// The events sink.
-pub struct EventsSink {
+/// Parquet files and the state under the data directory.
+pub struct FilesOutput {
     root: PathBuf,
     control: PathBuf,
-    engine: Engine,
-    store: EventStore,
-    commit_every: Duration,
     checkpoint: Checkpoint,
-    /// The last batch taken.
-    seen: Lsn,
-    /// Derived since the last commit.
-    pending: Vec<Event>,
-    out: Vec<Event>,
-    last_commit: Instant,
+    state: Option<Vec<u8>>,
     props: WriterProperties,
-}
-
-impl std::fmt::Debug for EventsSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventsSink")
-            .field("durable", &self.checkpoint.lsn)
-            .field("seen", &self.seen)
-            .field("pending", &self.pending.len())
-            .finish_non_exhaustive()
-    }
 }
 
 fn ts_type() -> DataType {
@@ -242,10 +212,9 @@ fn write_json_file(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| io_err(path, e))
 }
 
-/// Opens the events sink under `root` (the data directory): redoes an interrupted commit,
-/// deletes what an unfinished one left, restores the engine's state and fills `store` from the
-/// committed files.
-pub fn open(cfg: &EventsConfig, root: &Path, store: EventStore) -> Result<EventsSink> {
+/// Opens the files under `root` (the data directory): redoes an interrupted commit, deletes
+/// what an unfinished one left, reads the state, and fills `store` from the committed files.
+pub fn open(root: &Path, store: &EventStore) -> Result<FilesOutput> {
     let control = root.join("_fleetpipe").join(NAME);
     std::fs::create_dir_all(&control).map_err(|e| io_err(&control, e))?;
     let cp_path = control.join("checkpoint.json");
@@ -263,13 +232,12 @@ pub fn open(cfg: &EventsConfig, root: &Path, store: EventStore) -> Result<Events
             remove_quietly(&entry.path());
         }
     }
-    let engine = match &checkpoint.state {
+    let state = match &checkpoint.state {
         Some(state) => {
             let path = control.join(state);
-            let bytes = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
-            Engine::restore(cfg.rules.clone(), &bytes).map_err(|detail| Error::Corrupt { path, detail })?
+            Some(std::fs::read(&path).map_err(|e| io_err(&path, e))?)
         }
-        None => Engine::new(cfg.rules.clone()),
+        None => None,
     };
     let (mut events, mut trips) = (Vec::new(), Vec::new());
     committed(&root.join("events"), "events-", &mut events)?;
@@ -278,12 +246,12 @@ pub fn open(cfg: &EventsConfig, root: &Path, store: EventStore) -> Result<Events
     trips.sort();
     for path in &events {
         for e in read_json_column(path)? {
-            record_event_json(&store, &e, false);
+            record_event_json(store, &e, false);
         }
     }
     for path in &trips {
         for t in read_json_column(path)? {
-            record_trip_json(&store, t);
+            record_trip_json(store, t);
         }
     }
     let level = ZstdLevel::try_new(3)?;
@@ -291,27 +259,13 @@ pub fn open(cfg: &EventsConfig, root: &Path, store: EventStore) -> Result<Events
         .set_compression(Compression::ZSTD(level))
         .set_created_by(format!("fleetpipe {}", env!("CARGO_PKG_VERSION")))
         .build();
-    tracing::info!(
-        sink = NAME,
+    tracing::debug!(
         lsn = checkpoint.lsn,
-        vehicles = engine.vehicles(),
         event_files = events.len(),
         trip_files = trips.len(),
-        "opened events sink"
+        "events files opened"
     );
-    Ok(EventsSink {
-        root: root.to_path_buf(),
-        control,
-        engine,
-        store,
-        commit_every: cfg.commit_every,
-        seen: checkpoint.lsn,
-        checkpoint,
-        pending: Vec::new(),
-        out: Vec::new(),
-        last_commit: Instant::now(),
-        props,
-    })
+    Ok(FilesOutput { root: root.to_path_buf(), control, checkpoint, state, props })
 }
 
 /// Puts in place what the checkpoint names (a no-op for what is in place already).
@@ -332,45 +286,7 @@ fn redo(root: &Path, cp: &Checkpoint) -> Result<()> {
     Ok(())
 }
 
-fn ts_of(v: &serde_json::Value, key: &str) -> Micros {
-    v[key].as_str().and_then(fleetpipe_processors::time::parse_rfc3339).unwrap_or_default()
-}
-
-fn record_event_json(store: &EventStore, e: &serde_json::Value, live: bool) {
-    let kind = What::TYPES.iter().copied().find(|t| Some(*t) == e["type"].as_str()).unwrap_or("unknown");
-    let (vid, id) =
-        (e["vehicle_id"].as_str().unwrap_or_default(), e["event_id"].as_str().unwrap_or_default());
-    store.record_event(vid, ts_of(e, "ts"), id, kind, e.clone(), live);
-}
-
-fn record_trip_json(store: &EventStore, t: serde_json::Value) {
-    let vid = t["vehicle_id"].as_str().unwrap_or_default().to_owned();
-    let id = t["trip_id"].as_str().unwrap_or_default().to_owned();
-    let start = ts_of(&t["start"], "ts");
-    store.record_trip(&vid, start, &id, t);
-}
-
-impl EventsSink {
-    /// Hands what the engine derived to the store and the next commit; counts it.
-    fn take_out(&mut self) {
-        if self.out.is_empty() {
-            return;
-        }
-        let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
-        for e in self.out.drain(..) {
-            *counts.entry(e.what.type_name()).or_default() += 1;
-            record_event_json(&self.store, &event_json(&e), true);
-            if let What::TripCompleted(t) = &e.what {
-                record_trip_json(&self.store, trip_json(t));
-            }
-            self.pending.push(e);
-        }
-        for (kind, n) in counts {
-            metrics::counter!("fleetpipe_events_total", "type" => kind).increment(n);
-        }
-        metrics::gauge!("fleetpipe_trips_open").set(self.engine.open_trips() as f64);
-    }
-
+impl FilesOutput {
     /// Writes one Parquet file aside under `dir`; returns its `(aside, final)` names.
     fn write_file(&self, dir: PathBuf, prefix: &str, gen: u64, rb: &RecordBatch) -> Result<(String, String)> {
         std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
@@ -384,17 +300,23 @@ impl EventsSink {
         let rel = |p: &Path| p.strip_prefix(&self.root).unwrap_or(p).to_string_lossy().into_owned();
         Ok((rel(&aside), rel(&fin)))
     }
+}
 
-    /// Commits what was derived and the engine's state at the last batch taken.
-    fn commit(&mut self) -> Result<()> {
-        if self.seen == self.checkpoint.lsn && self.pending.is_empty() {
-            return Ok(());
-        }
+impl EventOutput for FilesOutput {
+    fn name(&self) -> &'static str {
+        "events"
+    }
+
+    fn committed(&mut self) -> (Lsn, Option<Vec<u8>>) {
+        (self.checkpoint.lsn, self.state.take())
+    }
+
+    fn commit(&mut self, lsn: Lsn, events: &[Event], state: &[u8]) -> Result<()> {
         let gen = self.checkpoint.generation + 1;
         let mut renames = Vec::new();
         let mut by_day: BTreeMap<i64, Vec<&Event>> = BTreeMap::new();
         let mut trips_by_day: BTreeMap<i64, Vec<&Trip>> = BTreeMap::new();
-        for e in &self.pending {
+        for e in events {
             by_day.entry(day_of(e.ts)).or_default().push(e);
             if let What::TripCompleted(t) = &e.what {
                 trips_by_day.entry(day_of(t.start.ts)).or_default().push(t);
@@ -408,10 +330,10 @@ impl EventsSink {
             let dir = self.root.join("trips").join(format!("date={}", date_string(*day)));
             renames.push(self.write_file(dir, "trips-", gen, &trips_batch(trips)?)?);
         }
-        let state = format!("state-{gen:010}.json");
-        write_json_file(&self.control.join(&state), &self.engine.snapshot())?;
-        let old_state = self.checkpoint.state.take();
-        let next = Checkpoint { lsn: self.seen, generation: gen, state: Some(state), renames };
+        let state_name = format!("state-{gen:010}.json");
+        write_json_file(&self.control.join(&state_name), state)?;
+        let old_state = self.checkpoint.state.clone();
+        let next = Checkpoint { lsn, generation: gen, state: Some(state_name), renames };
         let tmp = self.control.join("checkpoint.tmp");
         write_json_file(&tmp, &serde_json::to_vec(&next)?)?;
         let cp = self.control.join("checkpoint.json");
@@ -422,60 +344,6 @@ impl EventsSink {
             remove_quietly(&self.control.join(old));
         }
         self.checkpoint = next;
-        self.pending.clear();
-        self.last_commit = Instant::now();
         Ok(())
-    }
-}
-
-impl Sink for EventsSink {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn durable_lsn(&self) -> Lsn {
-        self.checkpoint.lsn
-    }
-
-    fn write(&mut self, batch: &Batch) -> std::result::Result<(), SinkError> {
-        let mut touched: HashSet<&str> = HashSet::new();
-        for f in &batch.frames {
-            self.engine.push(f, &mut self.out);
-            touched.insert(&f.vehicle_id);
-        }
-        for vid in touched {
-            self.store.set_open_trip(vid, self.engine.open_trip(vid).map(|t| trip_json(&t)));
-        }
-        self.take_out();
-        let late = self.engine.take_late();
-        if late > 0 {
-            metrics::counter!("fleetpipe_frames_late_for_events_total").increment(late);
-        }
-        self.seen = batch.lsn;
-        Ok(())
-    }
-
-    fn tick(&mut self, _now: Instant) -> std::result::Result<(), SinkError> {
-        self.engine.tick(fleetpipe_pipeline::now_micros(), &mut self.out);
-        if !self.out.is_empty() {
-            let completed: Vec<String> = self
-                .out
-                .iter()
-                .filter(|e| matches!(e.what, What::TripCompleted(_)))
-                .map(|e| e.vehicle_id.clone())
-                .collect();
-            self.take_out();
-            for vid in completed {
-                self.store.set_open_trip(&vid, self.engine.open_trip(&vid).map(|t| trip_json(&t)));
-            }
-        }
-        if self.last_commit.elapsed() >= self.commit_every {
-            self.commit()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::result::Result<(), SinkError> {
-        Ok(self.commit()?)
     }
 }
