@@ -262,11 +262,11 @@ pub async fn simulate(
             v.odometer_m += step;
             let lat = v.center.0 + v.radius_deg * v.angle.sin();
             let lon = v.center.1 + v.radius_deg * v.angle.cos();
-            let heading = (v.angle.to_degrees() + 90.0).rem_euclid(360.0);
+            let heading = heading_deg(v.angle);
             batch.push(json!({
                 "vehicle_id": v.id, "ts": ts, "seq": v.seq, "kind": "location",
                 "lat": (lat * 1e6).round() / 1e6, "lon": (lon * 1e6).round() / 1e6,
-                "speed_kmh": (v.speed_kmh * 10.0).round() / 10.0, "heading_deg": (heading * 10.0).round() / 10.0,
+                "speed_kmh": (v.speed_kmh * 10.0).round() / 10.0, "heading_deg": heading,
                 "accuracy_m": 3.0, "odometer_m": v.odometer_m.round(),
             }));
             if round.is_multiple_of(10) {
@@ -348,5 +348,26 @@ fn ts_millis(v: &Value) -> Option<i64> {
         Value::Number(n) => n.as_i64(),
         Value::String(s) => chrono::DateTime::parse_from_rfc3339(s).ok().map(|d| d.timestamp_millis()),
         _ => None,
+    }
+}
+
+/// The heading of a vehicle going round a circle at `angle` (radians), in tenths of a degree in
+/// `[0, 360)`: rounded before it is wrapped, so that 359.96° becomes 0.0°, not 360.0°.
+fn heading_deg(angle: f64) -> f64 {
+    ((angle.to_degrees() + 90.0) * 10.0).round().rem_euclid(3600.0) / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headings_stay_in_the_contracts_range_also_when_they_round_up_to_360() {
+        // 269.96° + 90° rounds to 360.0°, which the contract refuses.
+        assert_eq!(heading_deg(269.96f64.to_radians()), 0.0);
+        for i in 0..100_000 {
+            let h = heading_deg(i as f64 * 0.000_731);
+            assert!((0.0..360.0).contains(&h), "{h} at step {i}");
+        }
     }
 }
