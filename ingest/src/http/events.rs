@@ -55,6 +55,21 @@ fn range(q: &RangeQuery) -> Result<(i64, i64), Refusal> {
     Ok((bound(&q.from, i64::MIN, "from")?, bound(&q.to, i64::MAX, "to")?))
 }
 
+/// What both vehicle reads check first: the caller's scope, that events are on, the range.
+fn scoped<'a>(
+    st: &'a ApiState,
+    caller: &Caller,
+    id: &str,
+    q: &RangeQuery,
+) -> Result<(&'a EventStore, i64, i64), Refusal> {
+    if !caller.allows(id) {
+        return Err(Box::new(out_of_scope(id)));
+    }
+    let store = store(st)?;
+    let (from, to) = range(q)?;
+    Ok((store, from, to))
+}
+
 /// `GET /v1/vehicles/{id}/trips?from=&to=[&include=open]`: completed trips starting in the
 /// range, oldest first; with `include=open`, the one under way last.
 pub(super) async fn trips(
@@ -63,12 +78,9 @@ pub(super) async fn trips(
     Path(id): Path<String>,
     Query(q): Query<RangeQuery>,
 ) -> Response {
-    if !caller.allows(&id) {
-        return out_of_scope(&id);
-    }
-    let (store, (from, to)) = match (store(&st), range(&q)) {
-        (Ok(s), Ok(r)) => (s, r),
-        (Err(e), _) | (_, Err(e)) => return *e,
+    let (store, from, to) = match scoped(&st, &caller, &id, &q) {
+        Ok(v) => v,
+        Err(e) => return *e,
     };
     let open = match q.include.as_deref() {
         None | Some("") => false,
@@ -93,12 +105,9 @@ pub(super) async fn events(
     Path(id): Path<String>,
     Query(q): Query<RangeQuery>,
 ) -> Response {
-    if !caller.allows(&id) {
-        return out_of_scope(&id);
-    }
-    let (store, (from, to)) = match (store(&st), range(&q)) {
-        (Ok(s), Ok(r)) => (s, r),
-        (Err(e), _) | (_, Err(e)) => return *e,
+    let (store, from, to) = match scoped(&st, &caller, &id, &q) {
+        Ok(v) => v,
+        Err(e) => return *e,
     };
     if let Some(k) = q.kind.as_deref().filter(|k| !What::TYPES.contains(k)) {
         let known = What::TYPES.join(", ");

@@ -246,7 +246,7 @@ pub fn open(root: &Path, store: &EventStore) -> Result<FilesOutput> {
     trips.sort();
     for path in &events {
         for e in read_json_column(path)? {
-            record_event_json(store, &e, false);
+            record_event_json(store, e, false);
         }
     }
     for path in &trips {

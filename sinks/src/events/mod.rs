@@ -128,7 +128,7 @@ impl EventsSink {
         for e in self.out.drain(..) {
             *counts.entry(e.what.type_name()).or_default() += 1;
             if let Some(store) = &self.store {
-                record_event_json(store, &event_json(&e), true);
+                record_event_json(store, event_json(&e), true);
                 if let What::TripCompleted(t) = &e.what {
                     record_trip_json(store, trip_json(t));
                     completed.push(t.vehicle_id.clone());
@@ -208,11 +208,11 @@ fn ts_of(v: &serde_json::Value, key: &str) -> Micros {
     v[key].as_str().and_then(fleetpipe_processors::time::parse_rfc3339).unwrap_or_default()
 }
 
-pub(crate) fn record_event_json(store: &EventStore, e: &serde_json::Value, live: bool) {
+pub(crate) fn record_event_json(store: &EventStore, e: serde_json::Value, live: bool) {
     let kind = What::TYPES.iter().copied().find(|t| Some(*t) == e["type"].as_str()).unwrap_or("unknown");
-    let (vid, id) =
-        (e["vehicle_id"].as_str().unwrap_or_default(), e["event_id"].as_str().unwrap_or_default());
-    store.record_event(vid, ts_of(e, "ts"), id, kind, e.clone(), live);
+    let vid = e["vehicle_id"].as_str().unwrap_or_default().to_owned();
+    let id = e["event_id"].as_str().unwrap_or_default().to_owned();
+    store.record_event(&vid, ts_of(&e, "ts"), &id, kind, e, live);
 }
 
 pub(crate) fn record_trip_json(store: &EventStore, t: serde_json::Value) {
