@@ -5,7 +5,8 @@
 #
 # Targets (fuzz/fuzz_targets/): decode_json, decode_ndjson, decode_protobuf, decode_mqtt (topic
 # parsing and payload), stored (Redis values and stored Protobuf, the trusted path), log_record
-# (a write-ahead log record as the replay reads it). Each decoding target also checks that no
+# (a write-ahead log record as the replay reads it), decode_teltonika_tcp (a tracker's TCP stream
+# after the handshake, packet after packet) and decode_teltonika_udp (a datagram). Each decoding target also checks that no
 # frame goes missing (accepted + rejected = received) and that every accepted frame validates.
 #
 # cargo-fuzz and libFuzzer on the stable toolchain: RUSTC_BOOTSTRAP=1 lets stable rustc take the
@@ -25,7 +26,7 @@ fi
 export PATH="$CACHE/cargo-fuzz/bin:$PATH"
 export RUSTC_BOOTSTRAP=1
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(decode_json decode_ndjson decode_protobuf decode_mqtt stored log_record)
+[ ${#targets[@]} -gt 0 ] || targets=(decode_json decode_ndjson decode_protobuf decode_mqtt stored log_record decode_teltonika_tcp decode_teltonika_udp)
 for t in "${targets[@]}"; do
   corpus="$CACHE/fuzz-corpus/$t"
   mkdir -p "$corpus" "fuzz/seeds/$t"

@@ -16,6 +16,7 @@ use fleetpipe_ingest::gateway::GatewaySource;
 use fleetpipe_ingest::http::HttpSource;
 use fleetpipe_ingest::kafka::KafkaSource;
 use fleetpipe_ingest::mqtt::MqttSource;
+use fleetpipe_ingest::teltonika::TeltonikaSource;
 use fleetpipe_pipeline::{Pipeline, Readiness, Sink, Sources, StageFactory};
 use fleetpipe_processors::dedup::Dedup;
 use fleetpipe_processors::latest::LatestCache;
@@ -51,6 +52,9 @@ pub struct Running {
     pub mqtt_addr: Option<SocketAddr>,
     /// The gateway's TLS listener, when configured.
     pub mqtts_addr: Option<SocketAddr>,
+    /// Where Teltonika trackers connect (TCP) and send (UDP), when configured.
+    pub teltonika_addr: Option<SocketAddr>,
+    pub teltonika_udp_addr: Option<SocketAddr>,
     pub latest: LatestCache,
     readiness: Arc<Readiness>,
     sources: Sources,
@@ -80,10 +84,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let gateway = match (cfg.gateway_listen(), cfg.gateway.tls_listen) {
         (None, None) => None,
         (listen, _) => {
-            let gw = fit_connections(&cfg.gateway);
+            let teltonika_room =
+                if cfg.teltonika.listen.is_some() { cfg.teltonika.max_connections } else { 0 };
+            let gw = fit_connections(&cfg.gateway, teltonika_room as u64);
             Some(GatewaySource::bind(&gw, listen, mode, credentials.clone(), &data_dir)?)
         }
     };
+    let teltonika = match (cfg.teltonika.listen, cfg.teltonika.udp_listen) {
+        (None, None) => None,
+        _ => Some(TeltonikaSource::bind(&cfg.teltonika, mode, credentials.clone())?),
+    };
+    let (teltonika_addr, teltonika_udp_addr) =
+        teltonika.as_ref().map_or((None, None), |t| (t.tcp_addr(), t.udp_addr()));
     let mqtt = match &cfg.mqtt.url {
         Some(url) => Some(MqttSource::new(&cfg.mqtt, url, cfg.mqtt_client_id()?)?),
         None => None,
@@ -181,6 +193,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     if let Some(m) = mqtt {
         sources.spawn(m);
     }
+    if let Some(t) = teltonika {
+        sources.spawn(t);
+    }
     if let Some(k) = cfg.kafka.source() {
         sources.spawn(KafkaSource { cfg: k });
     }
@@ -193,11 +208,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let http_addr = http.local_addr()?;
     sources.spawn(http);
 
-    tracing::info!(http = %http_addr, mqtt = ?mqtt_addr, data_dir = %cfg.data_dir.display(), "fleetpipe started");
+    tracing::info!(http = %http_addr, mqtt = ?mqtt_addr, teltonika = ?teltonika_addr, data_dir = %cfg.data_dir.display(), "fleetpipe started");
     Ok(Running {
         http_addr,
         mqtt_addr,
         mqtts_addr,
+        teltonika_addr,
+        teltonika_udp_addr,
         latest,
         readiness: sources.readiness(),
         sources,
@@ -230,24 +247,32 @@ const FD_HEADROOM: u64 = 1500;
 
 /// The gateway's configuration with `max_connections` lowered, if need be, to what the
 /// process's file-descriptor limit allows (less [`FD_HEADROOM`] and the room the gateway keeps
-/// for connections before CONNECT, [`fleetpipe_ingest::gateway::open_limit`]): past its cap the gateway
+/// for connections before CONNECT, [`fleetpipe_ingest::gateway::open_limit`], and the `others`
+/// another door may hold, Teltonika's): past its cap the gateway
 /// refuses a connection cleanly, past the descriptor limit it could not even accept one.
 fn fit_connections(
     cfg: &fleetpipe_ingest::gateway::GatewayConfig,
+    others: u64,
 ) -> fleetpipe_ingest::gateway::GatewayConfig {
     let mut cfg = cfg.clone();
     let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else {
         return cfg;
     };
-    let open_room = (fleetpipe_ingest::gateway::open_limit(0) as u64).saturating_add(FD_HEADROOM);
+    let open_room =
+        (fleetpipe_ingest::gateway::open_limit(0) as u64).saturating_add(FD_HEADROOM).saturating_add(others);
     let fit = usize::try_from(soft.saturating_sub(open_room)).unwrap_or(usize::MAX).max(1);
     if cfg.max_connections > fit {
-        tracing::warn!(
-            configured = cfg.max_connections,
-            max_connections = fit,
-            fd_limit = soft,
-            "gateway.max_connections lowered to fit the file-descriptor limit"
-        );
+        // A warning only when someone asked for more than fits; the default (sized for the
+        // gateway alone) is lowered quietly.
+        let asked =
+            cfg.max_connections != fleetpipe_ingest::gateway::GatewayConfig::default().max_connections;
+        let (configured, fd_limit) = (cfg.max_connections, soft);
+        let what = "gateway.max_connections lowered to fit the file-descriptor limit";
+        if asked {
+            tracing::warn!(configured, max_connections = fit, fd_limit, "{what}");
+        } else {
+            tracing::info!(configured, max_connections = fit, fd_limit, "{what}");
+        }
         cfg.max_connections = fit;
     }
     cfg

@@ -19,6 +19,7 @@ use fleetpipe_ingest::http::HttpConfig;
 use fleetpipe_ingest::kafka::KafkaConfig;
 pub use fleetpipe_ingest::mqtt::parse_mqtt_url;
 use fleetpipe_ingest::mqtt::MqttConfig;
+use fleetpipe_ingest::teltonika::TeltonikaConfig;
 use fleetpipe_pipeline::wal::WalConfig;
 pub use fleetpipe_pipeline::AckMode;
 use fleetpipe_pipeline::PipelineConfig;
@@ -38,6 +39,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub http: HttpConfig,
     pub gateway: GatewayConfig,
+    pub teltonika: TeltonikaConfig,
     pub auth: AuthConfig,
     pub mqtt: MqttConfig,
     pub validate: Rules,
@@ -141,6 +143,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             http: HttpConfig::default(),
             gateway: GatewayConfig::default(),
+            teltonika: TeltonikaConfig::default(),
             auth: AuthConfig::default(),
             mqtt: MqttConfig::default(),
             validate: Rules::default(),
@@ -338,6 +341,12 @@ impl Config {
                 self.gateway.listen = Some(addr(key, v)?);
             }
         }
+        if let Some(v) = get("FLEETPIPE_TELTONIKA_LISTEN").filter(|v| !v.is_empty()) {
+            self.teltonika.listen = Some(addr("FLEETPIPE_TELTONIKA_LISTEN", v)?);
+        }
+        if let Some(v) = get("FLEETPIPE_TELTONIKA_UDP_LISTEN").filter(|v| !v.is_empty()) {
+            self.teltonika.udp_listen = Some(addr("FLEETPIPE_TELTONIKA_UDP_LISTEN", v)?);
+        }
         if let Some(v) = get("FLEETPIPE_AUTH").filter(|v| !v.is_empty()) {
             self.auth.mode = Some(match v.as_str() {
                 "token" => AuthMode::Token,
@@ -445,7 +454,16 @@ impl Config {
 
     /// Every address fleetpipe listens on (the auth default depends on them).
     pub fn listeners(&self) -> Vec<SocketAddr> {
-        [self.gateway_listen(), self.gateway.tls_listen, Some(self.http.addr)].into_iter().flatten().collect()
+        [
+            self.gateway_listen(),
+            self.gateway.tls_listen,
+            self.teltonika.listen,
+            self.teltonika.udp_listen,
+            Some(self.http.addr),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     /// The credentials file (`[auth] credentials_file`, else `{data_dir}/credentials`).

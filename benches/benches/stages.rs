@@ -3,7 +3,10 @@
 //! - `json/fleetpipe_decode_validate`: fleetpipe's decode + validation of the same frames;
 //! - `protobuf/fleetpipe_decode_validate`: the same frames as a Protobuf `FrameBatch`;
 //! - `dedup_latest`: de-duplication + L1 latest-state update (one shard's work);
-//! - `parquet/encode`: the Parquet sink writing and closing the frames (ZSTD).
+//! - `parquet/encode`: the Parquet sink writing and closing the frames (ZSTD);
+//! - `teltonika/crate_decode`: nom-teltonika alone decoding Codec 8 Extended packets of 10
+//!   records and reading every value (the ceiling), `teltonika/fleetpipe_decode_validate`:
+//!   fleetpipe's records → frames (location + diagnostic each) and validation; per record.
 //!
 //! The frames are the recorded drive (tests/data) plus a diagnostic frame per ten locations.
 
@@ -142,6 +145,91 @@ fn benches(c: &mut Criterion) {
         );
     });
     g.finish();
+
+    let packets = teltonika_packets(100, 10);
+    let records = 1000u64;
+    let mut g = c.benchmark_group("teltonika");
+    g.throughput(Throughput::Elements(records));
+    g.bench_function("crate_decode", |b| {
+        b.iter(|| {
+            let mut sum = 0u64;
+            for p in &packets {
+                let mut input = &p[..];
+                let Ok(nom_teltonika::protocol::FrameView::Avl(packet)) =
+                    nom_teltonika::decoder::take_frame(&mut input)
+                else {
+                    panic!("a bench packet decodes");
+                };
+                for r in packet.records() {
+                    let gps = r.gps();
+                    sum += u64::from(r.timestamp()) + gps.latitude_raw as u64 + u64::from(gps.speed_kph);
+                    for e in r.io_elements() {
+                        sum += u64::from(u16::from(e.id()));
+                        if let nom_teltonika::protocol::IoValueView::U32(v) = e.value() {
+                            sum += u64::from(v);
+                        }
+                    }
+                }
+            }
+            sum
+        });
+    });
+    g.bench_function("fleetpipe_decode_validate", |b| {
+        let origin = Origin::Teltonika { imei: "356307042441013".into() };
+        b.iter(|| {
+            let mut frames = 0usize;
+            for p in &packets {
+                let step = fleetpipe_processors::codec::teltonika::next_tcp(
+                    p,
+                    "356307042441013",
+                    &origin,
+                    1_800_000_000_000_000,
+                    &rules,
+                );
+                let fleetpipe_processors::codec::teltonika::TcpStep::Records { decoded, .. } = step else {
+                    panic!("a bench packet decodes");
+                };
+                assert!(decoded.rejections.is_empty());
+                frames += decoded.frames.len();
+            }
+            frames
+        });
+    });
+    g.finish();
+}
+
+/// `n` Codec 8 Extended packets of `k` records each: a fix and the IO elements of a typical
+/// FMB configuration.
+fn teltonika_packets(n: usize, k: usize) -> Vec<Vec<u8>> {
+    use nom_teltonika::encoder::{encode_avl_frame, AvlRecordFields};
+    use nom_teltonika::protocol::{AvlCodec, AvlTimestamp, GpsElement, IoId, Priority};
+    let io_u8 =
+        [(IoId::from(239), 1u8), (IoId::from(240), 1u8), (IoId::from(21), 4u8), (IoId::from(69), 1u8)];
+    let io_u16 = [(IoId::from(66), 13_800u16), (IoId::from(67), 4_100u16), (IoId::from(24), 50u16)];
+    let io_u32 = [(IoId::from(16), 1_234_567u32), (IoId::from(199), 1_200u32)];
+    (0..n)
+        .map(|i| {
+            let records: Vec<AvlRecordFields<'_>> = (0..k)
+                .map(|j| {
+                    let step = (i * k + j) as i32;
+                    let gps = GpsElement {
+                        longitude_raw: 102_000_000 + step * 10,
+                        latitude_raw: 561_000_000,
+                        altitude_meters: 40,
+                        angle_degrees: 90,
+                        satellites: 10,
+                        speed_kph: 50,
+                    };
+                    let ts = 1_795_640_400_000 + (i * k + j) as u64 * 1000;
+                    AvlRecordFields::new(AvlTimestamp::from(ts), Priority::Low, gps)
+                        .with_io_u8(&io_u8)
+                        .with_io_u16(&io_u16)
+                        .with_io_u32(&io_u32)
+                })
+                .collect();
+            encode_avl_frame(AvlCodec::Codec8Extended, &records).expect("a bench packet encodes")
+        })
+        .collect()
 }
 
 criterion_group! {

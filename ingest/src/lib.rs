@@ -1,7 +1,7 @@
 //! fleetpipe's sources, each a [`fleetpipe_pipeline::Source`]: the vehicle gateway (fleetpipe's
-//! own MQTT server, ntex-mqtt), MQTT through an external broker (rumqttc), Kafka (rdkafka, a
-//! consumer group member) and HTTP (axum, which also serves reads, metrics and probes); and
-//! [`auth`], who may speak for which vehicle.
+//! own MQTT server, ntex-mqtt), Teltonika trackers over TCP and UDP (nom-teltonika), MQTT through
+//! an external broker (rumqttc), Kafka (rdkafka, a consumer group member) and HTTP (axum, which
+//! also serves reads, metrics and probes); and [`auth`], who may speak for which vehicle.
 //!
 //! A source turns messages into entries (decoded, validated frames plus rejections) and submits
 //! them to the intake; it acknowledges a message (MQTT PUBACK, HTTP 200, Kafka offset) only once
@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod http;
 pub mod kafka;
 pub mod mqtt;
+pub mod teltonika;
 
 use std::net::SocketAddr;
 
@@ -48,6 +49,17 @@ pub enum Error {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    #[error(
+        "cannot listen on {addr} for Teltonika trackers ([teltonika] listen / udp_listen, or \
+         FLEETPIPE_TELTONIKA_LISTEN): {source}"
+    )]
+    TeltonikaListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("teltonika: {0}")]
+    Teltonika(String),
     #[error("cannot listen on {addr} for HTTP (set FLEETPIPE_HTTP_ADDR): {source}")]
     Listen {
         addr: SocketAddr,

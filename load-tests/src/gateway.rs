@@ -246,7 +246,7 @@ async fn vehicle(
     Ok((lat, rd.reunite(wr)?))
 }
 
-fn percentile(sorted: &[u32], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand};
 
 mod gateway;
 mod storage;
+mod teltonika;
 
 #[derive(Parser)]
 struct Cli {
@@ -190,6 +191,23 @@ enum Cmd {
         /// After the last frame, keep the connections open until killed.
         #[arg(long)]
         hold: bool,
+    },
+    /// Simulated Teltonika trackers over TCP: handshake, then Codec 8 Extended packets, each
+    /// sent once the previous one is answered.
+    Teltonika {
+        #[arg(long, default_value = "127.0.0.1:5027")]
+        server: std::net::SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Records per device.
+        #[arg(long, default_value_t = 1000)]
+        records: u64,
+        /// Records per packet.
+        #[arg(long, default_value_t = 10)]
+        per_packet: usize,
+        /// Prints the IMEIs of the first N devices (one per line) and exits.
+        #[arg(long)]
+        imeis: bool,
     },
     /// N idle MQTT connections held until killed.
     Idle {
@@ -671,6 +689,25 @@ fn main() -> anyhow::Result<()> {
                 ));
         }
         Cmd::NullMqtt { port, workers, every } => return gateway::null_mqtt(*port, *workers, *every),
+        Cmd::Teltonika { server, devices, records, per_packet, imeis } => {
+            if *imeis {
+                for i in 0..*devices {
+                    println!("{}", teltonika::imei(i));
+                }
+                return Ok(());
+            }
+            let t = teltonika::Trackers {
+                server: *server,
+                devices: *devices,
+                records: *records,
+                per_packet: *per_packet,
+            };
+            return tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?
+                .block_on(teltonika::run(t));
+        }
         Cmd::Fleet { server, vehicles, frames, rate, inflight, qos, ips, first, threads, auth, hold } => {
             let fleet = gateway::Fleet {
                 server: *server,
@@ -727,7 +764,7 @@ fn main() -> anyhow::Result<()> {
             }
             Cmd::Credentials { vehicles, out } => gateway::credentials(vehicles, &out),
             Cmd::Probe { url, secs } => gateway::probe(&url, secs).await,
-            Cmd::HttpNull { .. } | Cmd::NullMqtt { .. } | Cmd::Fleet { .. } => Ok(()),
+            Cmd::HttpNull { .. } | Cmd::NullMqtt { .. } | Cmd::Fleet { .. } | Cmd::Teltonika { .. } => Ok(()),
             Cmd::Latency { .. } => unreachable!("run on its own runtime above"),
             Cmd::ReadLatency { url, vehicles, label } => storage::read_latency(&url, vehicles, &label).await,
             Cmd::PgSink { .. } | Cmd::RedisL2 { .. } | Cmd::ParquetBench { .. } => Ok(()),

@@ -64,6 +64,7 @@ pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
                 Origin::Mqtt { topic } => (Some(topic.clone()), 0, 0),
                 Origin::Http | Origin::Sink { .. } => (None, 0, 0),
                 Origin::Kafka { topic, partition, offset } => (Some(topic.clone()), *partition, *offset),
+                Origin::Teltonika { imei } => (Some(imei.clone()), 0, 0),
             };
             WalRejection {
                 reason: r.reason.code().to_string(),
@@ -97,6 +98,7 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Entry, RecordError> {
                 ("mqtt", Some(topic)) => Origin::Mqtt { topic },
                 ("kafka", Some(topic)) => Origin::Kafka { topic, partition: r.partition, offset: r.offset },
                 ("http", _) => Origin::Http,
+                ("teltonika", imei) => Origin::Teltonika { imei: imei.unwrap_or_default() },
                 (sink, _) => Origin::Sink { sink: sink.to_owned() },
             };
             Rejection {
@@ -148,6 +150,7 @@ mod tests {
                 rejection(Origin::Http),
                 rejection(Origin::Kafka { topic: "vehicle-frames".into(), partition: 3, offset: 99 }),
                 rejection(Origin::Sink { sink: "postgres".into() }),
+                rejection(Origin::Teltonika { imei: "356307042441013".into() }),
             ],
         };
         assert_eq!(decode(&encode(&entry)).unwrap(), entry);

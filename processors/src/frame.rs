@@ -197,6 +197,8 @@ pub enum Origin {
     Http,
     /// Kafka record.
     Kafka { topic: String, partition: i32, offset: i64 },
+    /// A Teltonika tracker's AVL packet (TCP or UDP); `imei` is empty before the handshake.
+    Teltonika { imei: String },
     /// A frame fleetpipe had accepted, refused later by this sink (a value its store cannot
     /// hold); the frame's own source is not kept in the log.
     Sink { sink: String },
@@ -209,6 +211,7 @@ impl Origin {
             Origin::Mqtt { .. } => "mqtt",
             Origin::Http => "http",
             Origin::Kafka { .. } => "kafka",
+            Origin::Teltonika { .. } => "teltonika",
             Origin::Sink { sink } => sink,
         }
     }
@@ -244,6 +247,9 @@ reasons! {
     InvalidField => "invalid_field",
     /// Undecodable Protobuf (truncated, wrong wire types).
     MalformedProtobuf => "malformed_protobuf",
+    /// A Teltonika packet that does not decode: wrong CRC, truncated, a length that lies, an
+    /// unknown codec, a record count that disagrees with the records.
+    MalformedTeltonika => "malformed_teltonika",
     /// A required field is missing (`vehicle_id`, `ts`, `kind`, `lat`, `lon`).
     MissingField => "missing_field",
     InvalidVehicleId => "invalid_vehicle_id",

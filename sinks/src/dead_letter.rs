@@ -132,6 +132,8 @@ struct Line<'a> {
     partition: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     offset: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    imei: Option<&'a str>,
     received_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     raw: Option<&'a str>,
@@ -143,8 +145,12 @@ struct Line<'a> {
 pub fn encode_line(r: &Rejection, out: &mut Vec<u8>) -> Result<()> {
     let (topic, partition, offset) = match &r.origin {
         Origin::Mqtt { topic } => (Some(topic.as_str()), None, None),
-        Origin::Http | Origin::Sink { .. } => (None, None, None),
+        Origin::Http | Origin::Sink { .. } | Origin::Teltonika { .. } => (None, None, None),
         Origin::Kafka { topic, partition, offset } => (Some(topic.as_str()), Some(*partition), Some(*offset)),
+    };
+    let imei = match &r.origin {
+        Origin::Teltonika { imei } if !imei.is_empty() => Some(imei.as_str()),
+        _ => None,
     };
     let (raw, raw_base64) = match std::str::from_utf8(&r.raw) {
         Ok(text) => (Some(text), None),
@@ -158,6 +164,7 @@ pub fn encode_line(r: &Rejection, out: &mut Vec<u8>) -> Result<()> {
         topic,
         partition,
         offset,
+        imei,
         received_at: format_millis(r.received_at),
         raw,
         raw_base64,

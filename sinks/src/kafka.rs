@@ -83,6 +83,7 @@ fn origin_header(origin: &Origin) -> String {
     match origin {
         Origin::Mqtt { topic } => topic.clone(),
         Origin::Http => "http".to_owned(),
+        Origin::Teltonika { imei } => format!("teltonika/{imei}"),
         Origin::Sink { sink } => sink.clone(),
         Origin::Kafka { topic, partition, offset } => format!("{topic}/{partition}/{offset}"),
     }

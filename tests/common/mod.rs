@@ -930,3 +930,26 @@ pub fn storage_config(dir: &Path, schema: &str, prefix: &str) -> Config {
     cfg.redis.prefix = prefix.into();
     cfg
 }
+
+/// `GET /metrics` of the instance on `http_port`, blocking (for `wait_for` conditions); empty
+/// when it cannot be read.
+pub fn scrape(http_port: u16) -> String {
+    scrape_as(http_port, None)
+}
+
+/// [`scrape`] with a bearer token (auth on).
+pub fn scrape_as(http_port: u16, token: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", http_port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+    if s.write_all(request.as_bytes()).is_err() {
+        return String::new();
+    }
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
+}

@@ -16,6 +16,7 @@
 pub mod json;
 pub mod proto;
 pub mod stored;
+pub mod teltonika;
 pub mod topic;
 
 #[cfg(test)]
@@ -151,7 +152,9 @@ impl<'a> Ctx<'a> {
                 Some((vehicle_id, kind)) => TopicRule::Mqtt { vehicle_id, kind },
                 None => TopicRule::Invalid(topic),
             },
-            Origin::Http | Origin::Kafka { .. } | Origin::Sink { .. } => TopicRule::Direct,
+            Origin::Http | Origin::Kafka { .. } | Origin::Teltonika { .. } | Origin::Sink { .. } => {
+                TopicRule::Direct
+            }
         };
         Ctx { payload: msg.payload, received_at: msg.received_at, rules, origin: msg.origin, topic }
     }
@@ -280,6 +283,21 @@ pub fn decode_message(msg: &Message<'_>, rules: &Rules) -> Decoded {
     match declared {
         Some(enc) => decode_as(&ctx, &mut out, enc),
         None => match sniff_bytes(payload) {
+            Sniffed::Known(Encoding::Protobuf) if looks_like_text(payload) => {
+                // Text that is not JSON (`hello`, `lat=56.1`, a quoted string): say so, rather
+                // than report the Protobuf wire-type error it also makes.
+                match proto::decode_batch_capped(payload, rules.max_frames_per_message) {
+                    Ok((batch, more)) => proto::decode_capped(&ctx, &mut out, &batch, more),
+                    Err(_) => ctx.reject_whole(
+                        &mut out,
+                        Reason::MalformedJson,
+                        format!(
+                            "not JSON (a frame starts with {{ or [) and not Protobuf: text starting {}",
+                            snippet(&String::from_utf8_lossy(payload))
+                        ),
+                    ),
+                }
+            }
             Sniffed::Known(enc) => decode_as(&ctx, &mut out, enc),
             Sniffed::Ambiguous => match proto::decode_batch_capped(payload, rules.max_frames_per_message) {
                 Ok((batch, more)) => proto::decode_capped(&ctx, &mut out, &batch, more),
@@ -292,6 +310,13 @@ pub fn decode_message(msg: &Message<'_>, rules: &Rules) -> Decoded {
         ctx.reject_whole(&mut out, Reason::EmptyFrame, "the message holds no frame".to_owned());
     }
     out
+}
+
+/// Printable UTF-8 (whitespace allowed): what a person or a misconfigured client types, never a
+/// Protobuf batch (whose first byte is a field tag, `0x0A`, then a length).
+fn looks_like_text(payload: &[u8]) -> bool {
+    std::str::from_utf8(payload).is_ok_and(|t| t.chars().all(|c| !c.is_control() || c.is_whitespace()))
+        && payload.first() != Some(&0x0A)
 }
 
 fn decode_as(ctx: &Ctx<'_>, out: &mut Decoded, encoding: Encoding) {

@@ -938,3 +938,22 @@ fn a_diagnostic_frame_with_only_an_empty_dtc_list_or_mil_is_not_empty() {
         assert_eq!((d.frames.len(), d.rejections.len()), (1, 0), "{payload}: {:?}", d.rejections);
     }
 }
+
+#[test]
+fn text_that_is_not_json_is_malformed_json_not_a_protobuf_error() {
+    let origin = Origin::Mqtt { topic: "vehicles/V1/location".into() };
+    for text in ["hello", "lat=56.1 lon=10.2", "\"quoted\"", "56.1,10.2\n"] {
+        let d = msg_with(text.as_bytes(), None, &origin, &Rules::default());
+        let [r] = d.rejections.as_slice() else { panic!("{text}: {:?}", d.rejections) };
+        assert_eq!(r.reason, Reason::MalformedJson, "{text}");
+        assert!(
+            r.detail.starts_with("not JSON (a frame starts with { or [) and not Protobuf"),
+            "{}",
+            r.detail
+        );
+        assert_eq!(r.raw, text.as_bytes());
+    }
+    // Binary that is no FrameBatch stays a Protobuf error.
+    let d = msg_with(&[0xFF, 0x00, 0x13], None, &origin, &Rules::default());
+    assert_eq!(d.rejections[0].reason, Reason::MalformedProtobuf);
+}
