@@ -41,7 +41,8 @@ enum Command {
         /// Seconds to run.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
-        /// mqtt://host:port or http://host:port
+        /// Where frames go: mqtt://host:port (the gateway or a broker), http://host:port (the
+        /// HTTP API) or kafka://host:port[,host:port]/topic (the input topic).
         #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
         target: String,
         /// MQTT QoS (0 or 1).
@@ -50,12 +51,15 @@ enum Command {
     },
     /// Replay recorded frames (NDJSON) against a running fleetpipe.
     Replay {
+        /// NDJSON frames, e.g. tests/data/css-drive-aarhus-2021-07-26-am.ndjson.
         file: PathBuf,
+        /// Where frames go: mqtt://host:port, http://host:port or kafka://host:port/topic.
         #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
         target: String,
         /// Playback speed relative to the recorded `ts` (0: as fast as possible).
         #[arg(long, default_value_t = 0.0)]
         speed: f64,
+        /// MQTT QoS (0 or 1).
         #[arg(long, default_value_t = 1)]
         qos: u8,
     },

@@ -43,6 +43,7 @@ impl Target {
         if url.starts_with("mqtt://") || url.starts_with("tcp://") {
             let (host, port) = parse_mqtt_url(url)?;
             let id = format!("fleetpipe-sim-{}-{}", std::process::id(), crate::app_nanos());
+            let addr = format!("{host}:{port}");
             let mut o = rumqttc::MqttOptions::new(id, host, port);
             o.set_keep_alive(Duration::from_secs(30))
                 .set_max_packet_size(32 << 20, 32 << 20)
@@ -50,28 +51,66 @@ impl Target {
             let (client, mut el) = rumqttc::AsyncClient::new(o, 10_000);
             let acked = Arc::new(AtomicU64::new(0));
             let counter = acked.clone();
+            // The first CONNACK, or why there is none: a target that cannot be reached fails
+            // here, before anything is said to be sent.
+            let (up_tx, up_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
             tokio::spawn(async move {
+                let mut up = Some(up_tx);
+                let mut last_warning: Option<Instant> = None;
+                let mut failures = 0u64;
                 loop {
                     match el.poll().await {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                            if let Some(tx) = up.take() {
+                                let _ = tx.send(Ok(()));
+                            }
+                        }
                         Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
                             counter.fetch_add(1, Ordering::Relaxed);
                         }
                         Ok(_) => {}
                         Err(rumqttc::ConnectionError::RequestsDone) => return,
                         Err(e) => {
-                            tracing::warn!(error = %e, "simulator mqtt connection error");
+                            if let Some(tx) = up.take() {
+                                let _ = tx.send(Err(e.to_string()));
+                                return;
+                            }
+                            // Once connected, a lost connection is retried; said once every 5 s.
+                            failures += 1;
+                            if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                                tracing::warn!(error = %e, failures, "simulator lost its mqtt connection, reconnecting");
+                                last_warning = Some(Instant::now());
+                            }
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                     }
                 }
             });
+            match tokio::time::timeout(Duration::from_secs(10), up_rx).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => bail!(
+                    "cannot reach the MQTT server at {addr}: {e}. Is fleetpipe running? Its gateway \
+                     listens on 127.0.0.1:1883 unless FLEETPIPE_GATEWAY_LISTEN (or [gateway] listen) \
+                     says otherwise; pass that address as --target mqtt://HOST:PORT"
+                ),
+                Ok(Err(_)) | Err(_) => bail!("no answer from the MQTT server at {addr} within 10 s"),
+            }
             let qos = if qos == 0 { rumqttc::QoS::AtMostOnce } else { rumqttc::QoS::AtLeastOnce };
             Ok(Target::Mqtt { client, acked, sent: 0, qos })
         } else if url.starts_with("http://") {
             let base = url.trim_end_matches('/');
             let url =
                 if base.ends_with("/v1/frames") { base.to_string() } else { format!("{base}/v1/frames") };
-            Ok(Target::Http { client: reqwest::Client::new(), url })
+            let health = format!("{}/health", url.trim_end_matches("/v1/frames"));
+            let client = reqwest::Client::new();
+            if let Err(e) = client.get(&health).timeout(Duration::from_secs(10)).send().await {
+                bail!(
+                    "cannot reach fleetpipe's HTTP API at {health}: {}. Is fleetpipe running? It \
+                     listens on 127.0.0.1:8080 unless FLEETPIPE_HTTP_ADDR says otherwise",
+                    error_chain(&e)
+                );
+            }
+            Ok(Target::Http { client, url })
         } else if url.starts_with("kafka://") {
             let (brokers, topic) = parse_kafka_url(url)?;
             let producer = rdkafka::ClientConfig::new()
@@ -171,6 +210,18 @@ impl Target {
         }
         Ok(())
     }
+}
+
+/// An error and its causes, on one line (reqwest's own message leaves the cause out).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
 }
 
 /// Prints a progress line every second and a summary at the end.

@@ -92,3 +92,38 @@ async fn wait_for_vehicle(addr: std::net::SocketAddr, id: &str) -> serde_json::V
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[test]
+fn simulate_against_an_unreachable_target_fails_at_once_and_names_the_address_and_the_cause() {
+    for scheme in ["mqtt", "http"] {
+        let port = free_port(); // nothing listens there
+        let target = format!("{scheme}://127.0.0.1:{port}");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleetpipe"))
+            .args(["simulate", "--vehicles", "3", "--duration", "30", "--target", &target])
+            .env("RUST_LOG", "warn")
+            .env("RUST_BACKTRACE", "0")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Not a speed assertion: a bound on waiting (the run itself would take 30 s).
+        let deadline = std::time::Instant::now() + Duration::from_secs(25);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(std::time::Instant::now() < deadline, "simulate kept going against {target}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!status.success(), "{target}: {stdout}");
+        assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{target}: the address: {stderr}");
+        assert!(stderr.contains("Connection refused"), "{target}: the cause: {stderr}");
+        assert!(
+            !stderr.contains("sent ") && !stdout.contains("frames in"),
+            "{target}: nothing said sent: {stdout} {stderr}"
+        );
+        assert!(stderr.lines().count() <= 3, "{target}: one clear error, not a flood: {stderr}");
+    }
+}
