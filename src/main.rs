@@ -133,15 +133,28 @@ fn now_rfc3339() -> String {
     fleetpipe_processors::time::format_millis(fleetpipe_pipeline::now_micros())
 }
 
+/// The log filter when `RUST_LOG` is unset: fleetpipe's own `info`, and the libraries'
+/// warnings only (ntex narrates its workers starting and stopping at `info`).
+const DEFAULT_LOG: &str = "info,ntex=warn,ntex_server=warn,ntex_rt=warn,ntex_service=warn,ntex_io=warn,ntex_mqtt=warn,ntex_net=warn,rdkafka=warn";
+
+/// Logs to standard error: `RUST_LOG` (default [`DEFAULT_LOG`]), plain text (colour only on
+/// a terminal) or JSON lines with `FLEETPIPE_LOG_FORMAT=json`.
+fn init_logging() -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match std::env::var("FLEETPIPE_LOG_FORMAT").unwrap_or_default().as_str() {
+        "json" => builder.json().with_current_span(false).init(),
+        "" | "text" | "plain" => {
+            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init()
+        }
+        other => anyhow::bail!("FLEETPIPE_LOG_FORMAT={other:?}: use text or json"),
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging()?;
     let cli = Cli::parse();
     if let Command::Credentials { config, action } = cli.command {
         return credentials(config.as_deref(), action);
