@@ -1,7 +1,8 @@
 //! What fleetpipe logs in normal operation, with the default filter (no `RUST_LOG`): no ERROR
 //! and no WARN while vehicles connect, publish good and bad frames over the gateway, HTTP and a
 //! Teltonika connection, and the instance drains; JSON lines with `FLEETPIPE_LOG_FORMAT=json`;
-//! plain text without colour codes when standard error is not a terminal.
+//! plain text without colour codes when standard error is not a terminal. `GET /` says what
+//! the server is.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -60,6 +61,10 @@ async fn session(format: Option<&str>) -> String {
     assert_eq!(status, 200);
     let (status, _) = http_get(addr, "/v1/vehicles/nobody").await;
     assert_eq!(status, 404);
+    let (status, index) = http_get(addr, "/").await;
+    assert_eq!(status, 200, "GET / says what this is: {index}");
+    assert_eq!(index["name"], "fleetpipe");
+    assert!(index["endpoints"]["POST /v1/frames"].is_string(), "{index}");
     // A tracker: handshake, then a packet that does not decode (answered with zero).
     let mut t = std::net::TcpStream::connect(("127.0.0.1", tt)).unwrap();
     t.write_all(&[0, 15]).unwrap();

@@ -383,8 +383,30 @@ pub fn router(state: ApiState) -> Router {
         .merge(guarded)
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
+        .route("/", get(index))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// `GET /`: what this server is and where its endpoints are (open: it holds no data).
+async fn index() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "name": "fleetpipe",
+        "version": env!("CARGO_PKG_VERSION"),
+        "endpoints": {
+            "POST /v1/frames": "ingest frames (JSON object, array, NDJSON or Protobuf); 200 once durable",
+            "GET /v1/vehicles/{id}": "latest state, newest by event time",
+            "GET /v1/vehicles/{id}/track?from=&to=&limit=": "location history (needs Postgres)",
+            "GET /v1/vehicles?near=LAT,LON&radius_m=R&limit=N": "vehicles near a point",
+            "GET /v1/vehicles/{id}/trips": "trips, newest last",
+            "GET /v1/vehicles/{id}/events?type=": "vehicle events",
+            "GET /v1/events/stream?vehicle=": "new events as Server-Sent Events",
+            "GET /metrics": "Prometheus metrics",
+            "GET /health": "liveness",
+            "GET /ready": "readiness"
+        },
+        "docs": "README.md, section HTTP API"
+    }))
 }
 
 /// `http.admin_addr`: metrics and probes, open.
