@@ -68,7 +68,7 @@ side() {
     'BEGIN { printf "%.0f %.2f\n", f / (e - s), (c1 - c0) / (f / 1e6) }'
 }
 
-echo "# $DEVICES devices x $RECORDS records (2 frames each) = $FRAMES frames; medians over $ROUNDS rounds"
+echo "# $DEVICES devices x $RECORDS records (2 frames each) = $FRAMES frames; $ROUNDS rounds"
 printf '%-6s %14s %14s %8s %16s %16s\n' round teltonika_f/s json_f/s ratio tt_cpu_s/Mfr json_cpu_s/Mfr
 for r in $(seq 1 "$ROUNDS"); do
   read -r tt ttc < <(side teltonika)

@@ -56,6 +56,28 @@ fn fix_packet(ts_ms: u64) -> Vec<u8> {
     encode_avl_frame(AvlCodec::Codec8Extended, &[record]).unwrap()
 }
 
+/// The AVL data of a TCP packet in a UDP datagram of `imei`, packet id `id`, AVL packet id 7.
+fn as_datagram(packet: &[u8], imei: &str, id: u16) -> Vec<u8> {
+    let avl = &packet[8..packet.len() - 4];
+    let mut body = id.to_be_bytes().to_vec();
+    body.extend_from_slice(&[0x01, 0x07]);
+    body.extend_from_slice(&(imei.len() as u16).to_be_bytes());
+    body.extend_from_slice(imei.as_bytes());
+    body.extend_from_slice(avl);
+    let mut out = (body.len() as u16).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+/// Sends `datagram` from `udp` to `port`; the answer.
+async fn udp_answer(udp: &UdpSocket, port: u16, datagram: &[u8]) -> Vec<u8> {
+    udp.send_to(datagram, ("127.0.0.1", port)).await.unwrap();
+    let mut answer = [0u8; 64];
+    let (n, _) =
+        tokio::time::timeout(Duration::from_secs(30), udp.recv_from(&mut answer)).await.unwrap().unwrap();
+    answer[..n].to_vec()
+}
+
 /// A free UDP port on 127.0.0.1.
 fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -163,15 +185,22 @@ async fn the_documented_packets_over_tcp_and_udp_are_answered_with_their_counts_
     assert_eq!(device.send(&fix_packet(fix_ts)).await, 1);
 
     let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    udp.send_to(&hex(UDP_CODEC8), ("127.0.0.1", p.udp)).await.unwrap();
-    let mut answer = [0u8; 64];
-    let (n, _) =
-        tokio::time::timeout(Duration::from_secs(30), udp.recv_from(&mut answer)).await.unwrap().unwrap();
-    assert_eq!(
-        &answer[..n],
-        &hex("0005CAFE010501")[..],
-        "the UDP acknowledgement of the documented datagram"
-    );
+    let answer = udp_answer(&udp, p.udp, &hex(UDP_CODEC8)).await;
+    assert_eq!(answer, hex("0005CAFE010501"), "the UDP acknowledgement of the documented datagram");
+    // The TCP packets' records again, over UDP: answered with their counts, and folded by
+    // de-duplication (the same tracker, the same records).
+    for (i, (packet, count)) in
+        [(hex(CODEC8_ONE), 1u8), (hex(CODEC8_TWO), 2), (hex(CODEC8E), 1), (fix_packet(fix_ts), 1)]
+            .iter()
+            .enumerate()
+    {
+        let id = 0x1000 + i as u16;
+        let answer = udp_answer(&udp, p.udp, &as_datagram(packet, IMEI, id)).await;
+        let mut expected = vec![0x00, 0x05];
+        expected.extend_from_slice(&id.to_be_bytes());
+        expected.extend_from_slice(&[0x01, 0x07, *count]);
+        assert_eq!(answer, expected, "datagram {i}");
+    }
 
     // Every answer came after the records were durable: killed now, nothing is lost.
     fp.kill9();
@@ -297,13 +326,23 @@ async fn bad_packets_are_kept_with_their_reason_and_answered_with_zero_and_the_c
     device.stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     assert!(device.closed().await, "a header that cannot delimit a packet closes the connection");
 
+    // UDP: a datagram whose length field lies is kept and answered with zero (ids echoed).
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut lying = hex(UDP_CODEC8);
+    lying[1] += 1;
+    assert_eq!(udp_answer(&udp, p.udp, &lying).await, hex("0005CAFE010500"));
+
     let data = dir.path().join("data");
-    let dead = wait_for("7 dead letters", Duration::from_secs(30), || {
+    let dead = wait_for("8 dead letters", Duration::from_secs(30), || {
         let d = fleetpipe_sinks::dead_letter::read_dead_letters(&data.join("dead-letter")).unwrap();
-        (d.len() >= 7).then_some(d)
+        (d.len() >= 8).then_some(d)
     })
     .await;
-    assert_eq!(dead.len(), 7, "{dead:#?}");
+    assert_eq!(dead.len(), 8, "{dead:#?}");
+    let (dead, udp_dead): (Vec<Value>, Vec<Value>) = dead.into_iter().partition(|d| d["imei"] == IMEI);
+    assert_eq!(udp_dead.len(), 1, "{udp_dead:#?}");
+    assert_eq!(udp_dead[0]["reason"], "malformed_teltonika");
+    assert!(udp_dead[0]["detail"].as_str().unwrap().contains("length"), "{}", udp_dead[0]);
     let details: Vec<&str> = dead.iter().map(|d| d["detail"].as_str().unwrap()).collect();
     for d in &dead {
         assert_eq!(d["reason"], "malformed_teltonika", "{d}");
@@ -337,7 +376,7 @@ async fn bad_packets_are_kept_with_their_reason_and_answered_with_zero_and_the_c
     })
     .await;
     assert_eq!(diags.len(), 1, "only the good packet's record");
-    assert_eq!(fp.metric("fleetpipe_frames_rejected_total{reason=\"malformed_teltonika\"}").await, 7.0);
+    assert_eq!(fp.metric("fleetpipe_frames_rejected_total{reason=\"malformed_teltonika\"}").await, 8.0);
     let (status, _) = http_get(format!("127.0.0.1:{}", p.http).parse().unwrap(), "/health").await;
     assert_eq!(status, 200);
     assert!(fp.sigterm().success());
