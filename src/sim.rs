@@ -105,9 +105,9 @@ impl Target {
             let client = reqwest::Client::new();
             if let Err(e) = client.get(&health).timeout(Duration::from_secs(10)).send().await {
                 bail!(
-                    "cannot reach fleetpipe's HTTP API at {health}: {}. Is fleetpipe running? It \
+                    "cannot reach fleetpipe's HTTP API at {health}: {:#}. Is fleetpipe running? It \
                      listens on 127.0.0.1:8080 unless FLEETPIPE_HTTP_ADDR says otherwise",
-                    error_chain(&e)
+                    anyhow::Error::new(e)
                 );
             }
             Ok(Target::Http { client, url })
@@ -210,18 +210,6 @@ impl Target {
         }
         Ok(())
     }
-}
-
-/// An error and its causes, on one line (reqwest's own message leaves the cause out).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    out
 }
 
 /// Prints a progress line every second and a summary at the end.

@@ -109,7 +109,7 @@ pub fn decode_packet(packet: AvlPacketView<'_>, at: &Packet<'_>, rules: &Rules) 
         let index = u32::try_from(i).unwrap_or(u32::MAX);
         for frame in record_frames(record, at) {
             out.received += 1;
-            match check(&frame, rules) {
+            match validate::frame(&frame, rules) {
                 Ok(()) => out.frames.push(frame),
                 Err((reason, detail)) => out.rejections.push(Rejection {
                     reason,
@@ -246,10 +246,6 @@ fn chain(e: &dyn std::error::Error) -> String {
         next = cause.source();
     }
     out
-}
-
-fn check(frame: &Frame, rules: &Rules) -> validate::Check {
-    validate::frame(frame, rules)
 }
 
 /// A record's location frame (when it has a fix) and diagnostic frame.
