@@ -67,6 +67,21 @@ if [ -z "${FLEETPIPE_PYTHON:-}" ] && ! "$CACHE/py/bin/python" -c 'import conflue
   [ -x "$CACHE/py/bin/pip" ] || python3 -m venv "$CACHE/py"
   "$CACHE/py/bin/pip" install --quiet --disable-pip-version-check confluent-kafka 'paho-mqtt>=2,<3'
 fi
+# The console's browser test: Debian's chromium, Node.js, and playwright-core from npm (pinned in
+# tests/console/package-lock.json; it drives that chromium, no browser download).
+browser_pkgs=()
+[ -x /usr/bin/chromium ] || [ -n "${CHROMIUM:-}" ] || browser_pkgs+=(chromium)
+command -v node >/dev/null 2>&1 || browser_pkgs+=(nodejs)
+command -v npm >/dev/null 2>&1 || browser_pkgs+=(npm)
+if [ ${#browser_pkgs[@]} -gt 0 ]; then
+  echo "installing: ${browser_pkgs[*]}"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${browser_pkgs[@]}"
+fi
+if ! cmp -s tests/console/package-lock.json "$CACHE/node/package-lock.json" || [ ! -d "$CACHE/node/node_modules/playwright-core" ]; then
+  mkdir -p "$CACHE/node"
+  cp tests/console/package.json tests/console/package-lock.json "$CACHE/node/"
+  npm ci --prefix "$CACHE/node" --ignore-scripts --no-audit --no-fund --loglevel=error
+fi
 command -v openssl >/dev/null 2>&1 || { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssl; }
 
 # Build outside the clone so repeated runs reuse it.

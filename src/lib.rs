@@ -5,6 +5,7 @@
 //! [`sim::replay`]. See README.md's architecture section for the map of the crates.
 
 pub mod app;
+pub mod check;
 pub mod config;
 pub mod read;
 pub mod sim;

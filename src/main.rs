@@ -21,6 +21,13 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Check the configuration and everything it points at (data directory, listening
+    /// addresses, broker, Kafka, Postgres, Redis): one line each; exit status 1 on any failure.
+    Check {
+        /// TOML configuration file (also FLEETPIPE_CONFIG).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Manage the credentials vehicles and backends connect with (a running instance picks
     /// changes up within seconds). The file is found as `run` finds it: --config,
     /// FLEETPIPE_CONFIG, FLEETPIPE_DATA_DIR.
@@ -129,6 +136,45 @@ fn credentials(config: Option<&std::path::Path>, action: CredentialsAction) -> a
     Ok(())
 }
 
+/// `fleetpipe check`: the report on standard output; exit status 1 when anything failed.
+async fn check(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use fleetpipe::check::{Line, Status};
+    let file =
+        config.map(|p| p.to_path_buf()).or_else(|| std::env::var_os("FLEETPIPE_CONFIG").map(PathBuf::from));
+    let source = match &file {
+        Some(f) => f.display().to_string(),
+        None => "embedded defaults".to_owned(),
+    };
+    let cfg = match Config::load(config) {
+        Ok(cfg) => {
+            println!(
+                "{}",
+                Line {
+                    status: Status::Ok,
+                    what: "config",
+                    detail: format!("{source}, then FLEETPIPE_* variables")
+                }
+            );
+            cfg
+        }
+        Err(e) => {
+            println!("{}", Line { status: Status::Fail, what: "config", detail: format!("{source}: {e:#}") });
+            std::process::exit(1);
+        }
+    };
+    let lines = fleetpipe::check::check(&cfg).await;
+    for l in &lines {
+        println!("{l}");
+    }
+    let failed = lines.iter().filter(|l| l.status == Status::Fail).count();
+    if failed > 0 {
+        println!("{failed} check(s) failed");
+        std::process::exit(1);
+    }
+    println!("everything fleetpipe needs is there");
+    Ok(())
+}
+
 fn now_rfc3339() -> String {
     fleetpipe_processors::time::format_millis(fleetpipe_pipeline::now_micros())
 }
@@ -138,29 +184,77 @@ fn now_rfc3339() -> String {
 const DEFAULT_LOG: &str = "info,ntex=warn,ntex_server=warn,ntex_rt=warn,ntex_service=warn,ntex_io=warn,ntex_mqtt=warn,ntex_net=warn,rdkafka=warn";
 
 /// Logs to standard error: `RUST_LOG` (default [`DEFAULT_LOG`]), plain text (colour only on
-/// a terminal) or JSON lines with `FLEETPIPE_LOG_FORMAT=json`.
-fn init_logging() -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match std::env::var("FLEETPIPE_LOG_FORMAT").unwrap_or_default().as_str() {
-        "json" => builder.json().with_current_span(false).init(),
+/// a terminal) or JSON lines with `FLEETPIPE_LOG_FORMAT=json`. With an OTLP endpoint in the
+/// environment, traces too ([`traces`]); the provider returned is shut down (flushed) at exit.
+fn init_logging() -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG))
+    };
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match std::env::var("FLEETPIPE_LOG_FORMAT").unwrap_or_default().as_str() {
+        "json" => fmt.json().with_current_span(false).with_span_list(false).with_filter(filter()).boxed(),
         "" | "text" | "plain" => {
-            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init()
+            fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_filter(filter()).boxed()
         }
         other => anyhow::bail!("FLEETPIPE_LOG_FORMAT={other:?}: use text or json"),
+    };
+    let provider = traces()?;
+    // The pipeline's spans (target `fleetpipe::trace`) go to OpenTelemetry only, whatever
+    // RUST_LOG says; logs are not spans.
+    let otel = provider.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider;
+        tracing_opentelemetry::layer().with_tracer(p.tracer("fleetpipe")).with_filter(
+            tracing_subscriber::filter::Targets::new().with_target("fleetpipe::trace", tracing::Level::INFO),
+        )
+    });
+    tracing_subscriber::registry().with(fmt).with(otel).try_init()?;
+    if provider.is_some() {
+        fleetpipe_pipeline::trace::enable();
     }
-    Ok(())
+    Ok(provider)
+}
+
+/// OpenTelemetry traces over OTLP/HTTP (protobuf), on when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set. The SDK reads the other standard variables
+/// itself: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and `_ARG`
+/// (e.g. `parentbased_traceidratio` and `0.01`), `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_BSP_*`.
+fn traces() -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    if !set("OTEL_EXPORTER_OTLP_ENDPOINT") && !set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+        .map_err(|e| anyhow::anyhow!("OpenTelemetry exporter (OTEL_EXPORTER_OTLP_ENDPOINT): {e}"))?;
+    let detected = opentelemetry_sdk::Resource::builder().build();
+    let named = detected
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .is_some_and(|v| !v.as_str().starts_with("unknown_service"));
+    let resource = if named {
+        detected
+    } else {
+        opentelemetry_sdk::Resource::builder().with_service_name("fleetpipe").build()
+    };
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build();
+    Ok(Some(provider))
 }
 
 fn main() -> anyhow::Result<()> {
-    init_logging()?;
+    let traces = init_logging()?;
     let cli = Cli::parse();
     if let Command::Credentials { config, action } = cli.command {
         return credentials(config.as_deref(), action);
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         match cli.command {
             Command::Run { config } => {
                 fleetpipe::app::raise_fd_limit();
@@ -173,9 +267,17 @@ fn main() -> anyhow::Result<()> {
             Command::Replay { file, target, speed, qos } => {
                 fleetpipe::sim::replay(&file, &target, speed, qos).await
             }
+            Command::Check { config } => check(config.as_deref()).await,
             Command::Credentials { .. } => Ok(()),
         }
-    })
+    });
+    if let Some(provider) = traces {
+        // Flushes the spans still queued.
+        if let Err(e) = provider.shutdown() {
+            tracing::warn!(error = %e, "traces not all exported at exit");
+        }
+    }
+    result
 }
 
 /// Ctrl-C or SIGTERM.

@@ -4,9 +4,11 @@
 
 use std::sync::Arc;
 
-use fleetpipe_ingest::http::{count_cache, l1_near, BoxFuture, Found, Near, Nearby, ReadError, ReadPath};
+use fleetpipe_ingest::http::{
+    count_cache, l1_near, l1_positions, BoxFuture, Found, Near, Nearby, ReadError, ReadPath,
+};
 use fleetpipe_pipeline::now_micros;
-use fleetpipe_processors::latest::{LatestCache, VehicleState};
+use fleetpipe_processors::latest::{LatestCache, Position, VehicleState};
 use fleetpipe_processors::{Frame, Micros};
 use fleetpipe_sinks::postgres::PostgresReader;
 use fleetpipe_sinks::redis::RedisL2Reader;
@@ -121,5 +123,13 @@ impl ReadPath for Tiers {
                 _ => ReadError::new("postgres", e),
             })
         })
+    }
+
+    fn has_history(&self) -> bool {
+        self.store.is_some()
+    }
+
+    fn positions(&self, limit: usize) -> BoxFuture<'_, Result<(Vec<Position>, u64), ReadError>> {
+        Box::pin(l1_positions(self.l1.clone(), limit))
     }
 }

@@ -16,9 +16,29 @@ use crate::config::parse_mqtt_url;
 
 /// Where frames go.
 pub enum Target {
-    Mqtt { client: rumqttc::AsyncClient, acked: Arc<AtomicU64>, sent: u64, qos: rumqttc::QoS },
-    Http { client: reqwest::Client, url: String },
-    Kafka { producer: rdkafka::producer::FutureProducer, topic: String },
+    Mqtt { client: rumqttc::AsyncClient, tally: Arc<Tally>, qos: rumqttc::QoS },
+    Http { client: reqwest::Client, url: String, tally: Arc<Tally> },
+    Kafka { producer: rdkafka::producer::FutureProducer, topic: String, tally: Arc<Tally> },
+}
+
+/// What a run sent and what its target said of it (read by the progress display).
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub sent: AtomicU64,
+    /// Acknowledged: PUBACKs (MQTT QoS 1), frames accepted (HTTP), records delivered (Kafka).
+    pub acked: AtomicU64,
+    /// Frames refused and kept in the dead-letter store, where the target says so (HTTP).
+    pub rejected: AtomicU64,
+}
+
+impl Tally {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
 }
 
 /// `kafka://host:port[,host:port…][/topic]` → (brokers, topic); the topic defaults to the
@@ -49,8 +69,8 @@ impl Target {
                 .set_max_packet_size(32 << 20, 32 << 20)
                 .set_inflight(1000);
             let (client, mut el) = rumqttc::AsyncClient::new(o, 10_000);
-            let acked = Arc::new(AtomicU64::new(0));
-            let counter = acked.clone();
+            let tally = Arc::new(Tally::default());
+            let counter = Arc::clone(&tally);
             // The first CONNACK, or why there is none: a target that cannot be reached fails
             // here, before anything is said to be sent.
             let (up_tx, up_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
@@ -66,7 +86,7 @@ impl Target {
                             }
                         }
                         Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
-                            counter.fetch_add(1, Ordering::Relaxed);
+                            Tally::add(&counter.acked, 1);
                         }
                         Ok(_) => {}
                         Err(rumqttc::ConnectionError::RequestsDone) => return,
@@ -96,7 +116,7 @@ impl Target {
                 Ok(Err(_)) | Err(_) => bail!("no answer from the MQTT server at {addr} within 10 s"),
             }
             let qos = if qos == 0 { rumqttc::QoS::AtMostOnce } else { rumqttc::QoS::AtLeastOnce };
-            Ok(Target::Mqtt { client, acked, sent: 0, qos })
+            Ok(Target::Mqtt { client, tally, qos })
         } else if url.starts_with("http://") {
             let base = url.trim_end_matches('/');
             let url =
@@ -110,7 +130,7 @@ impl Target {
                     anyhow::Error::new(e)
                 );
             }
-            Ok(Target::Http { client, url })
+            Ok(Target::Http { client, url, tally: Arc::default() })
         } else if url.starts_with("kafka://") {
             let (brokers, topic) = parse_kafka_url(url)?;
             let producer = rdkafka::ClientConfig::new()
@@ -119,7 +139,7 @@ impl Target {
                 .set("linger.ms", "5")
                 .create()
                 .with_context(|| format!("Kafka producer for {brokers}"))?;
-            Ok(Target::Kafka { producer, topic })
+            Ok(Target::Kafka { producer, topic, tally: Arc::default() })
         } else {
             bail!("target {url:?}: use mqtt://host:port, http://host:port or kafka://host:port/topic")
         }
@@ -128,19 +148,17 @@ impl Target {
     /// Sends frames of one vehicle (MQTT: one message per frame, on its kind's topic).
     pub async fn send(&mut self, frames: &[Value]) -> anyhow::Result<()> {
         match self {
-            Target::Mqtt { client, sent, qos, .. } => {
+            Target::Mqtt { client, tally, qos } => {
                 for f in frames {
                     let id = f["vehicle_id"].as_str().unwrap_or("unknown");
                     let kind = f["kind"].as_str().unwrap_or("frames");
                     let topic = format!("vehicles/{id}/{kind}");
                     client.publish(topic, *qos, false, serde_json::to_vec(f)?).await?;
-                    if *qos != rumqttc::QoS::AtMostOnce {
-                        *sent += 1;
-                    }
+                    Tally::add(&tally.sent, 1);
                 }
                 Ok(())
             }
-            Target::Kafka { producer, topic } => {
+            Target::Kafka { producer, topic, tally } => {
                 let mut deliveries = Vec::with_capacity(frames.len());
                 for f in frames {
                     let key = f["vehicle_id"].as_str().unwrap_or("unknown").to_owned();
@@ -163,17 +181,19 @@ impl Target {
                         }
                     }
                 }
+                Tally::add(&tally.sent, frames.len() as u64);
                 for d in deliveries {
                     match d.await {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(_)) => Tally::add(&tally.acked, 1),
                         Ok(Err((e, _))) => bail!("kafka delivery to {topic}: {e}"),
                         Err(_) => bail!("kafka producer dropped a delivery to {topic}"),
                     }
                 }
                 Ok(())
             }
-            Target::Http { client, url } => {
+            Target::Http { client, url, tally } => {
                 let body = serde_json::to_vec(frames)?;
+                Tally::add(&tally.sent, frames.len() as u64);
                 loop {
                     let resp = client
                         .post(url.as_str())
@@ -190,19 +210,47 @@ impl Target {
                     if !status.is_success() {
                         bail!("POST {url}: {status}: {}", resp.text().await.unwrap_or_default());
                     }
+                    let answer: Value =
+                        serde_json::from_slice(&resp.bytes().await.unwrap_or_default()).unwrap_or_default();
+                    Tally::add(&tally.acked, answer["accepted"].as_u64().unwrap_or(0));
+                    Tally::add(&tally.rejected, answer["rejected_total"].as_u64().unwrap_or(0));
                     return Ok(());
                 }
             }
         }
     }
 
+    /// What was sent and acknowledged so far.
+    pub fn tally(&self) -> Arc<Tally> {
+        match self {
+            Target::Mqtt { tally, .. } | Target::Http { tally, .. } | Target::Kafka { tally, .. } => {
+                Arc::clone(tally)
+            }
+        }
+    }
+
+    /// Whether the target acknowledges what it is sent (MQTT QoS 0 does not).
+    fn acknowledges(&self) -> bool {
+        !matches!(self, Target::Mqtt { qos: rumqttc::QoS::AtMostOnce, .. })
+    }
+
+    /// Whether the target reports rejected frames (HTTP does; an MQTT 3.1.1 PUBACK and a
+    /// Kafka delivery cannot: see `fleetpipe_frames_rejected_total`).
+    fn reports_rejections(&self) -> bool {
+        matches!(self, Target::Http { .. })
+    }
+
     /// Waits until every QoS 1 message was acknowledged by the broker.
-    pub async fn finish(self) -> anyhow::Result<()> {
-        if let Target::Mqtt { client, acked, sent, .. } = self {
+    pub async fn finish(&self) -> anyhow::Result<()> {
+        if let Target::Mqtt { client, tally, qos } = self {
+            let sent = Tally::get(&tally.sent);
             let deadline = Instant::now() + Duration::from_secs(120);
-            while acked.load(Ordering::Relaxed) < sent {
+            while *qos != rumqttc::QoS::AtMostOnce && Tally::get(&tally.acked) < sent {
                 if Instant::now() > deadline {
-                    bail!("broker acknowledged {} of {sent} messages", acked.load(Ordering::Relaxed));
+                    bail!(
+                        "the MQTT server acknowledged {} of {sent} messages within 120 s",
+                        Tally::get(&tally.acked)
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -212,36 +260,81 @@ impl Target {
     }
 }
 
-/// Prints a progress line every second and a summary at the end.
+/// Progress while a run sends: a bar with rate and ETA on a terminal (indicatif), a plain line
+/// every 5 s otherwise (logs, CI); a summary at the end.
 struct Progress {
+    what: &'static str,
     started: Instant,
-    last: Instant,
-    last_count: u64,
-    count: u64,
+    tally: Arc<Tally>,
+    bar: Option<indicatif::ProgressBar>,
+    lines: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Progress {
-    fn new() -> Self {
-        let now = Instant::now();
-        Progress { started: now, last: now, last_count: 0, count: 0 }
+    /// `total`: frames the run will send (an estimate for `simulate`).
+    fn start(what: &'static str, target: &Target, total: u64) -> Self {
+        let tally = target.tally();
+        let (bar, lines) = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let bar = indicatif::ProgressBar::new(total);
+            let style = indicatif::ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} [{wide_bar}] {human_pos}/{human_len} frames {per_sec} eta {eta} {msg}",
+            )
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            (Some(bar), None)
+        } else {
+            let t = Arc::clone(&tally);
+            let lines = tokio::spawn(async move {
+                let started = Instant::now();
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let (sent, acked) = (Tally::get(&t.sent), Tally::get(&t.acked));
+                    let rate = sent as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                    let pct = if total > 0 { 100.0 * sent as f64 / total as f64 } else { 0.0 };
+                    eprintln!("{what}: sent {sent}/{total} frames ({pct:.0}%), {rate:.0} frames/s, acknowledged {acked}");
+                }
+            });
+            (None, Some(lines))
+        };
+        Progress { what, started: Instant::now(), tally, bar, lines }
     }
-    fn add(&mut self, n: u64) {
-        self.count += n;
-        let now = Instant::now();
-        if now.duration_since(self.last) >= Duration::from_secs(1) {
-            let rate = (self.count - self.last_count) as f64 / now.duration_since(self.last).as_secs_f64();
-            eprintln!("sent {:>10} frames  {:>10.0} frames/s", self.count, rate);
-            self.last = now;
-            self.last_count = self.count;
+
+    /// After each send: moves the bar (the plain lines read the tally on their own clock).
+    fn update(&self) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(Tally::get(&self.tally.sent));
+            bar.set_message(format!("acknowledged {}", Tally::get(&self.tally.acked)));
         }
     }
-    fn summary(&self, what: &str) {
+
+    /// Ends the display and prints what was sent, acknowledged and rejected.
+    fn summary(self, target: &Target) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        if let Some(lines) = &self.lines {
+            lines.abort();
+        }
         let secs = self.started.elapsed().as_secs_f64();
+        let sent = Tally::get(&self.tally.sent);
+        let acked = if target.acknowledges() {
+            Tally::get(&self.tally.acked).to_string()
+        } else {
+            "- (QoS 0)".to_owned()
+        };
+        let rejected = if target.reports_rejections() {
+            Tally::get(&self.tally.rejected).to_string()
+        } else {
+            "- (see fleetpipe_frames_rejected_total)".to_owned()
+        };
         println!(
-            "{what}: {} frames in {:.2} s ({:.0} frames/s)",
-            self.count,
-            secs,
-            self.count as f64 / secs.max(1e-9)
+            "{}: sent {sent} frames in {secs:.2} s ({:.0} frames/s); acknowledged {acked}; rejected {rejected}",
+            self.what,
+            sent as f64 / secs.max(1e-9)
         );
     }
 }
@@ -287,7 +380,9 @@ pub async fn simulate(
         })
         .collect();
     let tick = Duration::from_secs_f64(1.0 / hz.max(0.001));
-    let mut progress = Progress::new();
+    let rounds = (duration.as_secs_f64() * hz.max(0.001)).ceil() as u64;
+    let expected = vehicles as u64 * (rounds + rounds.div_ceil(10));
+    let progress = Progress::start("simulate", &target, expected);
     let end = Instant::now() + duration;
     let mut next = Instant::now();
     let mut round = 0u64;
@@ -322,7 +417,6 @@ pub async fn simulate(
                 batch.push(d);
             }
         }
-        let n = batch.len() as u64;
         match &mut target {
             Target::Http { .. } | Target::Kafka { .. } => {
                 for chunk in batch.chunks(1000) {
@@ -331,7 +425,7 @@ pub async fn simulate(
             }
             Target::Mqtt { .. } => target.send(&batch).await?,
         }
-        progress.add(n);
+        progress.update();
         round += 1;
         next += tick;
         let now = Instant::now();
@@ -342,7 +436,7 @@ pub async fn simulate(
         }
     }
     target.finish().await?;
-    progress.summary("simulate");
+    progress.summary(&target);
     Ok(())
 }
 
@@ -360,7 +454,7 @@ pub async fn replay(path: &std::path::Path, target_url: &str, speed: f64, qos: u
         );
     }
     let mut target = Target::connect(target_url, qos).await?;
-    let mut progress = Progress::new();
+    let progress = Progress::start("replay", &target, frames.len() as u64);
     let started = Instant::now();
     let first_ts = frames.first().and_then(ts_millis);
     let batch_size = if matches!(target, Target::Mqtt { .. }) { 1 } else { 500 };
@@ -375,10 +469,10 @@ pub async fn replay(path: &std::path::Path, target_url: &str, speed: f64, qos: u
             }
         }
         target.send(chunk).await?;
-        progress.add(chunk.len() as u64);
+        progress.update();
     }
     target.finish().await?;
-    progress.summary("replay");
+    progress.summary(&target);
     Ok(())
 }
 

@@ -24,7 +24,8 @@ async fn replay_sends_the_recorded_drive_over_http_and_every_frame_is_stored() {
     let out = tokio::task::spawn_blocking(move || fleetpipe_cmd(&["replay", file, "--target", &target]))
         .await
         .unwrap();
-    assert!(out.contains("replay: 2161 frames"), "{out}");
+    assert!(out.contains("replay: sent 2161 frames"), "{out}");
+    assert!(out.contains("acknowledged 2161; rejected 0"), "{out}");
     let frames = drive_frames();
     let rows = wait_for("the drive in Parquet", Duration::from_secs(30), || {
         let rows = read_parquet(dir.path(), "locations");
@@ -47,14 +48,49 @@ async fn simulate_publishes_both_kinds_over_mqtt_and_every_frame_is_stored() {
     .unwrap();
     let sent: usize = out
         .lines()
-        .find_map(|l| l.strip_prefix("simulate: ")?.split_whitespace().next()?.parse().ok())
+        .find_map(|l| l.strip_prefix("simulate: sent ")?.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no summary in {out:?}"));
     assert!(sent >= 20, "{out}");
+    assert!(
+        out.contains(&format!("acknowledged {sent}; rejected -")),
+        "every QoS 1 message acknowledged: {out}"
+    );
     running.stop().await.unwrap();
     let locations = read_parquet(dir.path(), "locations");
     let diagnostics = read_parquet(dir.path(), "diagnostics");
     assert!(!diagnostics.is_empty(), "diagnostic frames too");
     assert_eq!(locations.len() + diagnostics.len(), sent, "every published frame stored once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_counts_what_the_api_accepted_and_rejected_and_prints_plain_progress_off_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(test_config(dir.path(), None)).await;
+    let target = format!("http://{}", running.http_addr);
+    let file = dir.path().join("mixed.ndjson");
+    let good = |seq: u32| {
+        format!(
+            r#"{{"vehicle_id":"MIX-1","kind":"location","ts":"2026-11-25T21:00:0{seq}.000Z","seq":{seq},"lat":56.1,"lon":10.2}}"#
+        )
+    };
+    let bad = r#"{"vehicle_id":"MIX-1","kind":"location","ts":"2026-11-25T21:00:09.000Z","seq":9,"lat":200.0,"lon":10.2}"#;
+    std::fs::write(&file, [good(1), good(2), bad.to_owned(), good(3)].join("\n") + "\n").unwrap();
+    let path = file.to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_fleetpipe"))
+            .args(["replay", &path, "--target", &target])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("replay: sent 4 frames"), "{stdout}");
+    assert!(stdout.contains("acknowledged 3; rejected 1"), "{stdout}");
+    assert!(!stderr.contains('\u{1b}'), "no terminal codes off a terminal: {stderr:?}");
+    running.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

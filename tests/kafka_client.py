@@ -58,11 +58,13 @@ def produce(brokers, topic, path):
     print(n)
 
 
-def produce_raw(brokers, topic, key, path):
+def produce_raw(brokers, topic, key, path, traceparent=None):
     p = Producer({**conn(brokers), "enable.idempotence": True})
     failed = []
+    headers = [("traceparent", traceparent.encode())] if traceparent else None
     with open(path, "rb") as f:
-        p.produce(topic, key=key, value=f.read(), on_delivery=lambda err, _m: err and failed.append(str(err)))
+        p.produce(topic, key=key, value=f.read(), headers=headers,
+                  on_delivery=lambda err, _m: err and failed.append(str(err)))
     if p.flush(60) != 0 or failed:
         sys.exit(f"not delivered: {failed}")
 

@@ -136,7 +136,7 @@ fn benches(c: &mut Criterion) {
             || tempfile::tempdir().expect("tempdir"),
             |dir| {
                 let mut sink = parquet_sink::open(&ParquetConfig::default(), dir.path()).expect("open");
-                let batch = Batch { lsn: 1, frames: frames.clone(), rejections: Vec::new() };
+                let batch = Batch { lsn: 1, frames: frames.clone(), ..Batch::default() };
                 sink.write(&batch).expect("write");
                 sink.flush().expect("flush");
                 dir

@@ -19,7 +19,7 @@ use fleetpipe_pipeline::{
     Submission,
 };
 use fleetpipe_processors::codec::{decode_message, frame_to_value, Message};
-use fleetpipe_processors::latest::{LatestCache, VehicleState};
+use fleetpipe_processors::latest::{LatestCache, Position, VehicleState};
 use fleetpipe_processors::validate::Rules;
 use fleetpipe_processors::{Decoded, Frame, Micros, Origin, Reason, Rejection};
 use serde::Deserialize;
@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{Credentials, Identity};
 
+mod console;
 mod events;
 use crate::{Error, Result};
 
@@ -123,6 +124,19 @@ pub trait ReadPath: Send + Sync {
         to: Micros,
         limit: usize,
     ) -> BoxFuture<'a, std::result::Result<Option<Vec<Frame>>, ReadError>>;
+    /// The latest fixes of the first `limit` vehicles by id, and how many vehicles have one
+    /// (this instance's L1: what the console draws).
+    fn positions(&self, limit: usize) -> BoxFuture<'_, std::result::Result<(Vec<Position>, u64), ReadError>>;
+    /// Whether [`ReadPath::track`] has a history store to read.
+    fn has_history(&self) -> bool;
+}
+
+/// The console's positions from L1 (a scan: off the async workers).
+pub async fn l1_positions(
+    latest: LatestCache,
+    limit: usize,
+) -> std::result::Result<(Vec<Position>, u64), ReadError> {
+    tokio::task::spawn_blocking(move || latest.positions(limit)).await.map_err(|e| ReadError::new("l1", e))
 }
 
 /// A near query: at most `limit` vehicles within `radius_m` of (`lat`, `lon`).
@@ -376,6 +390,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/vehicles/:id/trips", get(events::trips))
         .route("/v1/vehicles/:id/events", get(events::events))
         .route("/v1/events/stream", get(events::stream))
+        .route("/v1/console/snapshot", get(console::snapshot))
+        .route("/v1/console/stream", get(console::stream))
         .route("/metrics", get(metrics_text))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -383,12 +399,16 @@ pub fn router(state: ApiState) -> Router {
         .merge(guarded)
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
-        .route("/", get(index))
+        .route("/", get(console::page))
+        .route("/console/app.js", get(console::app_js))
+        .route("/console/app.css", get(console::app_css))
+        .route("/console/land.json", get(console::land_json))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
-/// `GET /`: what this server is and where its endpoints are (open: it holds no data).
+/// `GET /` for a client that is not a browser: what this server is and where its endpoints
+/// are (open: it holds no data).
 async fn index() -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({
         "name": "fleetpipe",
@@ -401,6 +421,9 @@ async fn index() -> axum::Json<serde_json::Value> {
             "GET /v1/vehicles/{id}/trips": "trips, newest last",
             "GET /v1/vehicles/{id}/events?type=": "vehicle events",
             "GET /v1/events/stream?vehicle=": "new events as Server-Sent Events",
+            "GET / (from a browser)": "the live fleet console",
+            "GET /v1/console/snapshot?limit=N": "what the console shows: latest fixes, counters, queues, events",
+            "GET /v1/console/stream?limit=N": "the console's snapshot as Server-Sent Events, every second",
             "GET /metrics": "Prometheus metrics",
             "GET /health": "liveness",
             "GET /ready": "readiness"
@@ -575,6 +598,13 @@ async fn post_frames(State(st): State<ApiState>, headers: HeaderMap, body: axum:
 
     let (tx, rx) = oneshot::channel();
     let mut entry = Entry { received_at, ..Entry::default() };
+    if fleetpipe_pipeline::trace::is_on() {
+        let incoming = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(fleetpipe_processors::trace::TraceContext::parse);
+        entry.trace = fleetpipe_pipeline::trace::intake("http", incoming.as_slice(), accepted);
+    }
     entry.absorb(decoded);
     let submission = Submission {
         entry,

@@ -247,21 +247,30 @@ struct Received {
     offset: i64,
     payload: Bytes,
     content_type: Option<String>,
+    /// The record's `traceparent` header, read only while traces are on.
+    trace: Option<fleetpipe_processors::trace::TraceContext>,
 }
 
 fn received(m: &rdkafka::message::BorrowedMessage<'_>) -> Received {
-    let content_type = m.headers().and_then(|h| {
-        h.iter()
-            .find(|h| h.key.eq_ignore_ascii_case("content-type"))
-            .and_then(|h| h.value)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::to_owned)
-    });
+    let header = |name: &str| {
+        m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key.eq_ignore_ascii_case(name))
+                .and_then(|h| h.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+        })
+    };
+    let trace = if fleetpipe_pipeline::trace::is_on() {
+        header("traceparent").and_then(fleetpipe_processors::trace::TraceContext::parse)
+    } else {
+        None
+    };
     Received {
         partition: m.partition(),
         offset: m.offset(),
         payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-        content_type,
+        content_type: header("content-type").map(str::to_owned),
+        trace,
     }
 }
 
@@ -420,6 +429,8 @@ fn build(
         *h = (*h).max(m.offset);
     }
     fleetpipe_pipeline::count_received("kafka", received_frames);
+    let incoming: Vec<_> = msgs.iter().filter_map(|m| m.trace).collect();
+    entry.trace = fleetpipe_pipeline::trace::intake("kafka", &incoming, entry.frames.len());
     tracker.submitted(entry_no, &highest);
     let partitions: Vec<i32> = highest.keys().copied().collect();
     let tracker = tracker.clone();

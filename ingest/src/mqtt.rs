@@ -210,6 +210,18 @@ impl Publish {
             Publish::V5(p) => p.properties.as_ref().and_then(|pr| pr.content_type.as_deref()),
         }
     }
+    /// An MQTT 5 `traceparent` user property.
+    fn trace(&self) -> Option<fleetpipe_processors::trace::TraceContext> {
+        match self {
+            Publish::V4(_) => None,
+            Publish::V5(p) => p.properties.as_ref().and_then(|pr| {
+                pr.user_properties
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
+                    .and_then(|(_, v)| fleetpipe_processors::trace::TraceContext::parse(v))
+            }),
+        }
+    }
     fn needs_ack(&self) -> bool {
         match self {
             Publish::V4(p) => p.qos != rumqttc::QoS::AtMostOnce,
@@ -391,6 +403,41 @@ fn connect(src: &MqttSource) -> (Client, EventLoop) {
             let (c, el) = rumqttc::v5::AsyncClient::new(o, cap);
             (Client::V5(c), EventLoop::V5(Box::new(el)))
         }
+    }
+}
+
+/// `fleetpipe check`: connects to the broker as the source would (its credentials and TLS, a
+/// client id of its own and a clean session, so nothing is left behind) and waits for the
+/// CONNACK. Answers `host:port: connected`.
+pub async fn check(cfg: &MqttConfig, url: &str) -> Result<String> {
+    let src = MqttSource::new(cfg, url, format!("fleetpipe-check-{}", std::process::id()))?;
+    let at = format!("{}:{}", src.host, src.port);
+    let mut o = rumqttc::MqttOptions::new(&src.client_id, &src.host, src.port);
+    o.set_keep_alive(Duration::from_secs(5)).set_clean_session(true);
+    if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
+        o.set_credentials(u, p);
+    }
+    if let Some(tls) = &src.tls {
+        o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+    }
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
+    let connack = async {
+        loop {
+            match el.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => return Ok(ack),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), connack).await;
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(200), el.poll()).await;
+    match answer {
+        Ok(Ok(ack)) if ack.code == rumqttc::ConnectReturnCode::Success => Ok(format!("{at}: connected")),
+        Ok(Ok(ack)) => Err(Error::Config(format!("{at}: the broker refused the connection: {:?}", ack.code))),
+        Ok(Err(e)) => Err(Error::Config(format!("{at}: {e}"))),
+        Err(_) => Err(Error::Config(format!("{at}: no CONNACK within 5 s"))),
     }
 }
 
@@ -617,6 +664,10 @@ fn build_submission(
         entry.absorb(decoded);
     }
     fleetpipe_pipeline::count_received("mqtt", received);
+    if fleetpipe_pipeline::trace::is_on() {
+        let incoming: Vec<_> = publishes.iter().filter_map(Publish::trace).collect();
+        entry.trace = fleetpipe_pipeline::trace::intake("mqtt", &incoming, entry.frames.len());
+    }
     let to_ack: Vec<AckId> = publishes.iter().filter(|p| p.needs_ack()).map(Publish::ack_id).collect();
     drop(publishes);
     let ack_tx = ack_tx.clone();

@@ -156,7 +156,8 @@ impl Shared {
     async fn store(&self, decoded: Decoded, received_at: i64) -> bool {
         fleetpipe_pipeline::count_received("teltonika", u64::from(decoded.received));
         let (tx, rx) = oneshot::channel();
-        let entry = Entry { received_at, frames: decoded.frames, rejections: decoded.rejections };
+        let entry =
+            Entry { received_at, frames: decoded.frames, rejections: decoded.rejections, ..Entry::default() };
         let done = Box::new(move |r: std::result::Result<u64, _>| {
             let _ = tx.send(r.is_ok());
         });

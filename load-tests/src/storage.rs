@@ -135,7 +135,7 @@ pub(crate) fn pg_sink(
         let started = Instant::now();
         for c in &chunks {
             lsn += 1;
-            sink.write(&Batch { lsn, frames: c.clone(), rejections: Vec::new() })?;
+            sink.write(&Batch { lsn, frames: c.clone(), ..Batch::default() })?;
         }
         let sink_rate = rows as f64 / started.elapsed().as_secs_f64();
         let stored: u64 = psql(url, &format!("SELECT count(*) FROM {table}"))?.parse()?;
@@ -153,7 +153,7 @@ pub(crate) fn pg_sink(
     let started = Instant::now();
     for c in &chunks {
         lsn += 1;
-        sink.write(&Batch { lsn, frames: c.clone(), rejections: Vec::new() })?;
+        sink.write(&Batch { lsn, frames: c.clone(), ..Batch::default() })?;
     }
     let redo_rate = rows as f64 / started.elapsed().as_secs_f64();
     let stored: u64 = psql(url, &format!("SELECT count(*) FROM {table}"))?.parse()?;
@@ -184,7 +184,7 @@ pub(crate) fn redis_l2(url: &str, prefix: &str, vehicles: u64, batches: u64) -> 
             f.seq = b + 1;
         }
         let started = Instant::now();
-        sink.write(&Batch { lsn: b + 1, frames, rejections: Vec::new() })?;
+        sink.write(&Batch { lsn: b + 1, frames, ..Batch::default() })?;
         times.push(started.elapsed().as_secs_f64() * 1e3);
     }
     let stats = sink.stats();
@@ -319,7 +319,7 @@ pub(crate) fn parquet_bench(rows: u64, rounds: usize) -> anyhow::Result<()> {
     let batches: Vec<Batch> = chunks
         .iter()
         .enumerate()
-        .map(|(i, c)| Batch { lsn: i as u64 + 1, frames: c.to_vec(), rejections: Vec::new() })
+        .map(|(i, c)| Batch { lsn: i as u64 + 1, frames: c.to_vec(), ..Batch::default() })
         .collect();
     let mut ratios = Vec::new();
     for round in 1..=rounds {

@@ -362,6 +362,12 @@ impl Driver<'_> {
         }
         let mut kept: Option<Batch> = None;
         let draining = Arc::clone(&self.draining);
+        let span = if batch.trace.is_empty() {
+            None
+        } else {
+            crate::trace::stage_span(&format!("sink.{name}"), &batch.trace, batch.frames.len(), false)
+        };
+        let _entered = span.as_ref().map(|s| s.enter());
         retry(name, "write", &draining, || {
             let current = kept.as_ref().unwrap_or(batch);
             let started = Instant::now();
@@ -426,7 +432,12 @@ impl Driver<'_> {
         }
         let frames =
             batch.frames.iter().zip(&refused).filter(|(_, r)| !**r).map(|(f, _)| f.clone()).collect();
-        Ok(Batch { lsn: batch.lsn, frames, rejections: batch.rejections.clone() })
+        Ok(Batch {
+            lsn: batch.lsn,
+            frames,
+            rejections: batch.rejections.clone(),
+            trace: Arc::clone(&batch.trace),
+        })
     }
 
     /// Reads from the log what the feeder skipped, until nothing is left to skip.

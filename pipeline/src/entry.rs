@@ -6,6 +6,7 @@
 //! log position once it is durable, or with [`NotDurable`]. Only then does the source
 //! acknowledge (MQTT PUBACK, HTTP 200, Kafka offset). A full intake is the pushback.
 
+use fleetpipe_processors::trace::TraceContext;
 use fleetpipe_processors::{Decoded, Frame, Lsn, Micros, Rejection};
 
 /// What a source hands to the log: the outcome of decoding one or more messages.
@@ -14,6 +15,9 @@ pub struct Entry {
     pub received_at: Micros,
     pub frames: Vec<Frame>,
     pub rejections: Vec<Rejection>,
+    /// The trace contexts of the requests or messages it came from (see [`crate::trace`]);
+    /// never written to the log.
+    pub trace: Vec<TraceContext>,
 }
 
 impl Entry {

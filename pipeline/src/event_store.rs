@@ -26,10 +26,29 @@ struct VehicleLog {
     open: Option<Arc<Value>>,
 }
 
+/// How many of the newest events and trips [`EventStore::recent`] keeps.
+const RECENT_EVENTS: usize = 20;
+const RECENT_TRIPS: usize = 10;
+
+#[derive(Debug, Default)]
+struct Recent {
+    events: VecDeque<Arc<Value>>,
+    trips: VecDeque<Arc<Value>>,
+}
+
+impl Recent {
+    fn push(list: &mut VecDeque<Arc<Value>>, item: Arc<Value>, max: usize) {
+        list.push_front(item);
+        list.truncate(max);
+    }
+}
+
 /// The shared store (cheap to clone).
 #[derive(Clone)]
 pub struct EventStore {
     inner: Arc<Mutex<HashMap<String, VehicleLog>>>,
+    /// The newest events and completed trips of every vehicle, newest first (the console's).
+    recent: Arc<Mutex<Recent>>,
     stream: tokio::sync::broadcast::Sender<Arc<Value>>,
     max_per_vehicle: usize,
 }
@@ -57,7 +76,12 @@ impl EventStore {
     /// `stream_capacity`: events a Server-Sent Events reader may fall behind before it is dropped.
     pub fn new(max_per_vehicle: usize, stream_capacity: usize) -> EventStore {
         let (stream, _) = tokio::sync::broadcast::channel(stream_capacity.max(1));
-        EventStore { inner: Arc::default(), stream, max_per_vehicle: max_per_vehicle.max(1) }
+        EventStore {
+            inner: Arc::default(),
+            recent: Arc::default(),
+            stream,
+            max_per_vehicle: max_per_vehicle.max(1),
+        }
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, VehicleLog>) -> R) -> R {
@@ -78,6 +102,9 @@ impl EventStore {
         let item = Item { ts, id: id.into(), kind, json: Arc::clone(&json) };
         let max = self.max_per_vehicle;
         let new = self.with(|m| insert(&mut m.entry(vehicle_id.to_owned()).or_default().events, item, max));
+        if new {
+            Recent::push(&mut self.recent().events, Arc::clone(&json), RECENT_EVENTS);
+        }
         if new && live {
             let _ = self.stream.send(json);
         }
@@ -85,15 +112,19 @@ impl EventStore {
 
     /// Records a completed trip (once per id); it is no longer the vehicle's open trip.
     pub fn record_trip(&self, vehicle_id: &str, start_ts: Micros, trip_id: &str, json: Value) {
-        let item = Item { ts: start_ts, id: trip_id.into(), kind: "trip", json: Arc::new(json) };
+        let json = Arc::new(json);
+        let item = Item { ts: start_ts, id: trip_id.into(), kind: "trip", json: Arc::clone(&json) };
         let max = self.max_per_vehicle;
-        self.with(|m| {
+        let new = self.with(|m| {
             let log = m.entry(vehicle_id.to_owned()).or_default();
             if log.open.as_ref().is_some_and(|o| o["trip_id"].as_str() == Some(trip_id)) {
                 log.open = None;
             }
-            insert(&mut log.trips, item, max);
+            insert(&mut log.trips, item, max)
         });
+        if new {
+            Recent::push(&mut self.recent().trips, json, RECENT_TRIPS);
+        }
     }
 
     /// The vehicle's trip under way (`None`: none).
@@ -156,6 +187,16 @@ impl EventStore {
         })
     }
 
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The newest events and completed trips of any vehicle, newest (recorded) first.
+    pub fn latest(&self) -> (Vec<Arc<Value>>, Vec<Arc<Value>>) {
+        let r = self.recent();
+        (r.events.iter().cloned().collect(), r.trips.iter().cloned().collect())
+    }
+
     /// A receiver of every new event from now on.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<Value>> {
         self.stream.subscribe()
@@ -189,5 +230,13 @@ mod tests {
         assert_eq!(trips.len(), 1, "the completed trip replaces the open one");
         assert_eq!(trips[0]["trip_id"], "t1");
         assert!(trips[0].get("open").is_none());
+        let (events, trips) = store.latest();
+        let ids: Vec<&Value> = events.iter().map(|v| &v["event_id"]).collect();
+        assert_eq!(
+            ids,
+            [&json!("d"), &json!("b"), &json!("a"), &json!("c")],
+            "newest recorded first, once each"
+        );
+        assert_eq!(trips.len(), 1);
     }
 }

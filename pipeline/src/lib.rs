@@ -39,6 +39,7 @@ pub mod sink;
 pub mod source;
 pub mod throttle;
 pub mod tls;
+pub mod trace;
 pub mod wal;
 mod writer;
 

@@ -152,6 +152,7 @@ mod tests {
                 rejection(Origin::Sink { sink: "postgres".into() }),
                 rejection(Origin::Teltonika { imei: "356307042441013".into() }),
             ],
+            ..Entry::default()
         };
         assert_eq!(decode(&encode(&entry)).unwrap(), entry);
     }

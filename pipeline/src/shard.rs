@@ -12,6 +12,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
+use fleetpipe_processors::trace::TraceContext;
 use fleetpipe_processors::{Batch, Counters, Lsn, Stage};
 
 use crate::driver::SinkFeed;
@@ -43,11 +44,12 @@ impl Dispatch {
 
     /// Splits a group over the shards: every shard gets its part, possibly empty. Rejections
     /// travel with the first shard's part.
-    pub(crate) fn send(&mut self, lsn: Lsn, entries: Vec<Entry>) -> Result<()> {
+    pub(crate) fn send(&mut self, lsn: Lsn, entries: Vec<Entry>, trace: Arc<[TraceContext]>) -> Result<()> {
         let n = self.txs.len();
         let group = self.next_group;
-        let mut parts: Vec<Part> =
-            (0..n).map(|_| Part { group, batch: Batch { lsn, ..Batch::default() } }).collect();
+        let mut parts: Vec<Part> = (0..n)
+            .map(|_| Part { group, batch: Batch { lsn, trace: Arc::clone(&trace), ..Batch::default() } })
+            .collect();
         for e in entries {
             if let Some(first) = parts.first_mut() {
                 first.batch.rejections.extend(e.rejections);
@@ -86,6 +88,8 @@ pub(crate) fn run_shard(rx: Receiver<Part>, out: Sender<Part>, mut stages: Vec<B
     let duplicates = metrics::counter!("fleetpipe_frames_duplicate_total");
     for mut part in rx {
         let mut counters = Counters::default();
+        let span = crate::trace::stage_span("shard", &part.batch.trace, part.batch.frames.len(), false);
+        let _entered = span.as_ref().map(|s| s.enter());
         for stage in &mut stages {
             stage.apply(&mut part.batch, &mut counters);
         }
@@ -105,9 +109,9 @@ pub(crate) fn resequence(rx: Receiver<Part>, shards: usize, sinks: Vec<(SinkFeed
     let mut pending: BTreeMap<u64, (usize, Batch)> = BTreeMap::new();
     let mut next = 0u64;
     for part in rx.iter() {
-        let slot = pending
-            .entry(part.group)
-            .or_insert_with(|| (shards, Batch { lsn: part.batch.lsn, ..Batch::default() }));
+        let slot = pending.entry(part.group).or_insert_with(|| {
+            (shards, Batch { lsn: part.batch.lsn, trace: Arc::clone(&part.batch.trace), ..Batch::default() })
+        });
         slot.0 -= 1;
         slot.1.frames.extend(part.batch.frames);
         slot.1.rejections.extend(part.batch.rejections);

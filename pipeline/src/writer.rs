@@ -106,7 +106,7 @@ impl Writer {
             groups.push((last, pending));
         }
         for (lsn, entries) in groups {
-            self.dispatch.send(lsn, entries)?;
+            self.dispatch.send(lsn, entries, Default::default())?;
         }
         if records > 0 {
             tracing::info!(from, records, "write-ahead log replayed");
@@ -205,12 +205,12 @@ impl Writer {
     /// One diversion, one record: durable before its sink goes on; reaches the dead-letter sink
     /// through the shards like any rejection (or, after the drain, at the next start).
     fn commit_diversion(&mut self, d: Diversion) -> Result<()> {
-        let entry = Entry { received_at: crate::now_micros(), frames: Vec::new(), rejections: d.rejections };
+        let entry = Entry { received_at: crate::now_micros(), rejections: d.rejections, ..Entry::default() };
         match self.wal.append_group(&[record::encode(&entry)]) {
             Ok(lsn) => {
                 let _ = d.done.send(Ok(lsn));
                 if !self.dispatch.is_closed() {
-                    self.dispatch.send(lsn, vec![entry])?;
+                    self.dispatch.send(lsn, vec![entry], Default::default())?;
                 }
                 Ok(())
             }
@@ -231,6 +231,13 @@ impl Writer {
             return Ok(());
         }
         let payloads: Vec<Vec<u8>> = batch.iter().map(|s| record::encode(&s.entry)).collect();
+        let commit_span = crate::trace::is_on().then(|| {
+            let incoming: Vec<_> = batch.iter().flat_map(|s| s.entry.trace.iter().copied()).collect();
+            let frames = batch.iter().map(|s| s.entry.frames.len()).sum();
+            crate::trace::stage_span("log.commit", &incoming, frames, true)
+        });
+        let commit_span = commit_span.flatten();
+        let _entered = commit_span.as_ref().map(|s| s.enter());
         let mut started = Instant::now();
         let mut fault: Option<(Instant, u64)> = None;
         let mut delay = FAULT_FIRST_RETRY;
@@ -322,7 +329,9 @@ impl Writer {
         }
         metrics::counter!("fleetpipe_frames_written_total", "sink" => "wal").increment(frames);
         metrics::counter!("fleetpipe_frames_clock_ahead_total").increment(ahead);
-        self.dispatch.send(last, entries)
+        let trace: std::sync::Arc<[_]> =
+            commit_span.as_ref().and_then(crate::trace::sampled_context).into_iter().collect();
+        self.dispatch.send(last, entries, trace)
     }
 }
 

@@ -262,7 +262,7 @@ fn frames_a_sink_refuses_are_kept_through_the_log_and_the_batch_is_written_witho
     let mut sink = FakeSink::new(&calls);
     sink.refuse_seq = Some(2);
     let (handle, tx, log) = start(sink, 4, 5);
-    let b = Batch { lsn: 1, frames: (1..=4).map(frame).collect(), rejections: Vec::new() };
+    let b = Batch { lsn: 1, frames: (1..=4).map(frame).collect(), ..Batch::default() };
     assert!(tx.offer(&Arc::new(b)));
     drop(tx);
     handle.join().unwrap();

@@ -55,7 +55,7 @@ fn run(dir: &Path, checkpoint: Lsn, entries: std::ops::Range<u64>) -> Vec<u64> {
         Pipeline::start(&cfg, &WalConfig::default(), dir, Vec::new(), vec![Box::new(sink)]).unwrap();
     for seq in entries {
         let (tx, rx) = std::sync::mpsc::channel();
-        let entry = Entry { received_at: 7, frames: vec![frame(seq)], rejections: Vec::new() };
+        let entry = Entry { received_at: 7, frames: vec![frame(seq)], ..Entry::default() };
         let done: fleetpipe_pipeline::Completion = Box::new(move |r| {
             let _ = tx.send(r);
         });

@@ -205,6 +205,41 @@ impl LatestCache {
         hits
     }
 
+    /// The latest fixes of at most `limit` vehicles, those first by vehicle id, and how many
+    /// vehicles hold a fix (a scan of every bucket, for the console; call it off the async
+    /// workers).
+    pub fn positions(&self, limit: usize) -> (Vec<Position>, u64) {
+        // A max-heap of the `limit` smallest ids seen so far.
+        let mut heap = std::collections::BinaryHeap::<ById>::new();
+        let mut total = 0u64;
+        for (_, bucket) in self.buckets.iter() {
+            let slots = bucket.slots.read().unwrap_or_else(PoisonError::into_inner);
+            for s in slots.iter() {
+                let Some(l) = &s.location else { continue };
+                total += 1;
+                if limit == 0
+                    || heap.len() == limit
+                        && heap.peek().is_some_and(|top| *top.0.vehicle_id <= *s.id.as_str())
+                {
+                    continue;
+                }
+                let fix = l.unpack();
+                heap.push(ById(Position {
+                    vehicle_id: s.id.as_str().into(),
+                    ts: l.stamp.ts,
+                    lat: fix.lat,
+                    lon: fix.lon,
+                    speed_kmh: fix.speed_kmh,
+                    heading_deg: fix.heading_deg,
+                }));
+                if heap.len() > limit {
+                    heap.pop();
+                }
+            }
+        }
+        (heap.into_sorted_vec().into_iter().map(|p| p.0).collect(), total)
+    }
+
     /// Vehicles held (as moka last weighed the buckets).
     pub fn len(&self) -> u64 {
         self.buckets.run_pending_tasks();
@@ -213,6 +248,40 @@ impl LatestCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// A vehicle's latest fix, as the console lists it (ordered by vehicle id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Position {
+    pub vehicle_id: Box<str>,
+    pub ts: Micros,
+    pub lat: f64,
+    pub lon: f64,
+    pub speed_kmh: Option<f64>,
+    pub heading_deg: Option<f64>,
+}
+
+/// A position ordered by vehicle id alone (for the bounded heap of [`LatestCache::positions`]).
+struct ById(Position);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.vehicle_id == other.0.vehicle_id
+    }
+}
+
+impl Eq for ById {}
+
+impl PartialOrd for ById {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ById {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.vehicle_id.cmp(&other.0.vehicle_id)
     }
 }
 
@@ -527,6 +596,23 @@ mod tests {
             hits.iter().filter_map(|(s, _)| s.location.as_ref().map(|f| f.vehicle_id.as_str())).collect();
         assert_eq!(ids, vec!["here", "near"]);
         assert!((hits[1].1 - 11.1).abs() < 0.2, "distance {}", hits[1].1);
+    }
+
+    #[test]
+    fn positions_lists_the_first_vehicles_by_id_with_their_newest_fix_and_counts_them_all() {
+        let c = LatestCache::new(1_000, Duration::from_secs(60));
+        let frames: Vec<Frame> =
+            (0..50).rev().map(|i| loc(&format!("V{i:02}"), 10 + i, f64::from(i as u8))).collect();
+        c.apply(&frames);
+        c.apply(&[loc("V03", 5, 99.0), loc("V04", 100, 44.5)]);
+        let (first, total) = c.positions(5);
+        assert_eq!(total, 50);
+        let ids: Vec<&str> = first.iter().map(|p| &*p.vehicle_id).collect();
+        assert_eq!(ids, ["V00", "V01", "V02", "V03", "V04"]);
+        assert_eq!((first[3].ts, first[3].lat), (13, 3.0), "a late fix is not latest");
+        assert_eq!((first[4].ts, first[4].lat, first[4].lon), (100, 44.5, 10.0));
+        assert_eq!(c.positions(0).0.len(), 0);
+        assert_eq!(c.positions(500).0.len(), 50);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod latest;
 mod signals;
 pub mod stage;
 pub mod time;
+pub mod trace;
 pub mod validate;
 
 pub use frame::{

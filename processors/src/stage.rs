@@ -19,6 +19,9 @@ pub struct Batch {
     pub lsn: Lsn,
     pub frames: Vec<Frame>,
     pub rejections: Vec<Rejection>,
+    /// The log commit's span when it is traced and sampled (the parent of every later stage's
+    /// span); empty otherwise, which is almost always.
+    pub trace: std::sync::Arc<[crate::trace::TraceContext]>,
 }
 
 impl Batch {

@@ -79,6 +79,19 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// Postgres could not be reached, or refused the connection (authentication, database).
+    #[error(
+        "postgres: connect to {target}: {}; check that Postgres runs there and that [postgres] url (FLEETPIPE_POSTGRES_URL) is right",
+        postgres::describe(.source)
+    )]
+    PostgresConnect {
+        /// `host:port/database as user`.
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("postgres: connect to {target}: no answer after {after:?}; check that Postgres runs there and that [postgres] url (FLEETPIPE_POSTGRES_URL) is right")]
+    PostgresConnectTimeout { target: String, after: std::time::Duration },
     #[error("postgres: {what}: no answer after {after:?}")]
     PostgresTimeout { what: &'static str, after: std::time::Duration },
     #[error("postgres: not connected")]
@@ -102,7 +115,9 @@ impl Error {
     /// name, a missing table, permission denied, failed authentication).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Postgres { source, .. } => postgres::is_retryable(source),
+            Error::Postgres { source, .. } | Error::PostgresConnect { source, .. } => {
+                postgres::is_retryable(source)
+            }
             Error::Poisoned { .. }
             | Error::PostgresSchema(_)
             | Error::PostgresLsn(_)

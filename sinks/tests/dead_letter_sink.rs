@@ -27,7 +27,7 @@ fn rejection(reason: Reason, index: Option<u32>, raw: &[u8], origin: Origin, at:
 }
 
 fn batch(lsn: Lsn, rejections: Vec<Rejection>) -> Batch {
-    Batch { lsn, frames: Vec::new(), rejections }
+    Batch { lsn, rejections, ..Batch::default() }
 }
 
 fn open(root: &Path) -> DeadLetterSink {

@@ -43,7 +43,7 @@ fn diag(vehicle: &str, ts: Micros, seq: u64, body: Diagnostic) -> Frame {
 }
 
 fn batch(lsn: Lsn, frames: Vec<Frame>) -> Batch {
-    Batch { lsn, frames, rejections: Vec::new() }
+    Batch { lsn, frames, ..Batch::default() }
 }
 
 fn config() -> ParquetConfig {
@@ -566,7 +566,7 @@ fn the_parquet_sink_runs_under_the_driver_and_commits_on_disconnect() {
                 received_at: ts,
                 body: Body::Location(Location { lat: 1.0, lon: 2.0, ..Location::default() }),
             }],
-            rejections: Vec::new(),
+            ..Batch::default()
         })));
     }
     drop(tx);

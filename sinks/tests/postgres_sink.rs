@@ -108,7 +108,7 @@ fn diag(vehicle: &str, ts: Micros, seq: u64, body: Diagnostic) -> Frame {
 }
 
 fn batch(lsn: Lsn, frames: Vec<Frame>) -> Batch {
-    Batch { lsn, frames, rejections: Vec::new() }
+    Batch { lsn, frames, ..Batch::default() }
 }
 
 fn point(lat: f64, lon: f64) -> Location {
@@ -442,7 +442,7 @@ fn a_row_postgres_refuses_goes_to_the_dead_letter_store_with_its_error_while_the
         let done: fleetpipe_pipeline::Completion = Box::new(move |r| {
             let _ = tx.send(r);
         });
-        let entry = Entry { received_at: frames[0].received_at, frames, rejections: Vec::new() };
+        let entry = Entry { received_at: frames[0].received_at, frames, ..Entry::default() };
         pipeline.intake.blocking_send(Submission { entry, done: Some(done) }).unwrap();
         rx.recv().unwrap().unwrap()
     };

@@ -99,7 +99,7 @@ fn diag(id: &str, ts: Micros, seq: u64, rpm: f64) -> Frame {
 }
 
 fn batch(lsn: Lsn, frames: Vec<Frame>) -> Batch {
-    Batch { lsn, frames, rejections: Vec::new() }
+    Batch { lsn, frames, ..Batch::default() }
 }
 
 fn json(frame: &Frame) -> String {

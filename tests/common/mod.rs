@@ -454,6 +454,11 @@ impl Fleetpipe {
             .stderr(log)
             .spawn()
             .unwrap();
+        Fleetpipe::adopt(child, http_port).await
+    }
+
+    /// A `fleetpipe run` started by the caller (its own environment, say), once it is ready.
+    pub async fn adopt(child: Child, http_port: u16) -> Fleetpipe {
         let fp = Fleetpipe { child, http_port };
         let url = format!("http://127.0.0.1:{http_port}/ready");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use fleetpipe_pipeline::{now_micros, Entry, NotDurable, Submission};
 use fleetpipe_processors::codec::{decode_message, parse_topic, Message};
+use fleetpipe_processors::trace::TraceContext;
 use fleetpipe_processors::{Decoded, Origin, Reason, Rejection};
 use ntex_mqtt::{v3, v5, QoS};
 use ntex_service::{fn_factory_with_config, fn_service};
@@ -28,6 +29,8 @@ use crate::auth::{AuthMode, Identity};
 pub(crate) struct Pending {
     decoded: Decoded,
     done: Option<oneshot::Sender<Result<(), NotDurable>>>,
+    /// An MQTT 5 `traceparent` user property (read only while traces are on).
+    trace: Option<TraceContext>,
 }
 
 /// The sending side of a worker's batcher.
@@ -54,11 +57,14 @@ async fn batch_loop(mut rx: mpsc::Receiver<Pending>, intake: fleetpipe_pipeline:
         let mut entry = Entry { received_at, ..Entry::default() };
         let mut waiters = Vec::with_capacity(buf.len());
         let mut received = 0u64;
+        let mut incoming = Vec::new();
         for p in buf.drain(..) {
             received += u64::from(p.decoded.received);
             entry.absorb(p.decoded);
             waiters.extend(p.done);
+            incoming.extend(p.trace);
         }
+        entry.trace = fleetpipe_pipeline::trace::intake("mqtt", &incoming, entry.frames.len());
         // One receive time per entry, as the log stores it.
         entry.frames.iter_mut().for_each(|f| f.received_at = received_at);
         entry.rejections.iter_mut().for_each(|r| r.received_at = received_at);
@@ -226,6 +232,7 @@ impl Conn {
         payload: bytes::Bytes,
         content_type: Option<&str>,
         qos: QoS,
+        trace: Option<TraceContext>,
     ) -> Outcome {
         let shared = &self.shared;
         if shared.draining.load(Ordering::Acquire) {
@@ -256,12 +263,12 @@ impl Conn {
         let rejected = decoded.rejections.len();
         if qos == QoS::AtMostOnce {
             // Best effort: nobody waits. Losses are counted by the log (not durable).
-            let _ = self.batcher.send(Pending { decoded, done: None }).await;
+            let _ = self.batcher.send(Pending { decoded, done: None, trace }).await;
             return Outcome::Stored { rejected };
         }
         let (tx, rx) = oneshot::channel();
         shared.inflight.fetch_add(1, Ordering::AcqRel);
-        let sent = self.batcher.send(Pending { decoded, done: Some(tx) }).await.is_ok();
+        let sent = self.batcher.send(Pending { decoded, done: Some(tx), trace }).await.is_ok();
         let durable = sent && matches!(rx.await, Ok(Ok(())));
         shared.inflight.fetch_sub(1, Ordering::AcqRel);
         match (durable, authorized) {
@@ -320,7 +327,7 @@ pub(crate) async fn handshake_v3(
 
 async fn publish_v3(s: v3::Session<Conn>, p: v3::Publish) -> Result<(), GwError> {
     let payload = p.read_all().await.map_err(|e| GwError::Payload(e.to_string()))?;
-    match s.publish(p.publish_topic(), to_bytes(&payload), None, p.qos()).await {
+    match s.publish(p.publish_topic(), to_bytes(&payload), None, p.qos(), None).await {
         Outcome::Stored { .. } => Ok(()),
         // MQTT 3.1.1 has no negative acknowledgement: the connection is closed.
         Outcome::Unauthorized => Err(GwError::NotAuthorized),
@@ -475,10 +482,20 @@ pub(crate) async fn handshake_v5(
 async fn publish_v5(s: v5::Session<Conn>, p: v5::Publish) -> Result<v5::PublishAck, GwError> {
     use v5::codec::PublishAckReason;
     let content_type = p.packet().properties.content_type.as_ref().map(|c| c.to_string());
+    let trace = if fleetpipe_pipeline::trace::is_on() {
+        p.packet()
+            .properties
+            .user_properties
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
+            .and_then(|(_, v)| TraceContext::parse(v))
+    } else {
+        None
+    };
     let topic = p.publish_topic().to_owned();
     let qos = p.qos();
     let payload = p.read_all().await.map_err(|e| GwError::Payload(e.to_string()))?;
-    match s.publish(&topic, to_bytes(&payload), content_type.as_deref(), qos).await {
+    match s.publish(&topic, to_bytes(&payload), content_type.as_deref(), qos, trace).await {
         Outcome::Stored { rejected: 0 } => Ok(p.ack()),
         Outcome::Stored { rejected } => Ok(p
             .ack()

@@ -94,10 +94,10 @@ impl PostgresOutput {
         self.days.clear();
         let (connector, schema) = (self.connector.clone(), self.schema.clone());
         let conn = self.rt.block_on(async move {
-            let (mut client, task) = tokio::time::timeout(TIMEOUT, connector.connect(NAME))
-                .await
-                .map_err(|_| Error::PostgresTimeout { what: "connect", after: TIMEOUT })?
-                .map_err(pg("connect"))?;
+            let (mut client, task) =
+                tokio::time::timeout(TIMEOUT, connector.connect(NAME)).await.map_err(|_| {
+                    Error::PostgresConnectTimeout { target: connector.target(), after: TIMEOUT }
+                })??;
             schema::migrate(&mut client, &schema).await.map_err(pg("migrate"))?;
             Ok::<_, Error>((client, task))
         })?;

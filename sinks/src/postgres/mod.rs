@@ -161,6 +161,22 @@ impl PostgresConfig {
     }
 }
 
+/// `fleetpipe check`: connects as the sink would and asks the server's version; checks the
+/// schema name. Answers `host:port/db as user: PostgreSQL 15.19`.
+pub async fn check(cfg: &PostgresConfig) -> Result<String> {
+    schema::validate_schema_name(&cfg.schema).map_err(Error::PostgresSchema)?;
+    let connector = cfg.connector()?;
+    let (client, task) =
+        tokio::time::timeout(CONNECT_TIMEOUT, connector.connect("check")).await.map_err(|_| {
+            Error::PostgresConnectTimeout { target: connector.target(), after: CONNECT_TIMEOUT }
+        })??;
+    let version = client.query_one("SHOW server_version", &[]).await;
+    task.abort();
+    let version: String =
+        version.map_err(|source| Error::Postgres { what: "SHOW server_version", source })?.get(0);
+    Ok(format!("{}: PostgreSQL {version}", connector.target()))
+}
+
 /// A parsed url and its TLS connector, made once and used for every (re)connection.
 #[derive(Clone)]
 pub(crate) struct Connector {
@@ -171,10 +187,7 @@ pub(crate) struct Connector {
 impl Connector {
     /// Connects and spawns the connection's task (on the current runtime), which logs how the
     /// connection ended as `who`.
-    pub(crate) async fn connect(
-        &self,
-        who: &'static str,
-    ) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+    pub(crate) async fn connect(&self, who: &'static str) -> Result<(Client, tokio::task::JoinHandle<()>)> {
         fn drive<F>(who: &'static str, connection: F) -> tokio::task::JoinHandle<()>
         where
             F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
@@ -185,16 +198,34 @@ impl Connector {
                 }
             })
         }
+        let failed = |source| Error::PostgresConnect { target: self.target(), source };
         match &self.tls {
             Some(tls) => {
-                let (client, connection) = self.config.connect(tls.clone()).await?;
+                let (client, connection) = self.config.connect(tls.clone()).await.map_err(failed)?;
                 Ok((client, drive(who, connection)))
             }
             None => {
-                let (client, connection) = self.config.connect(NoTls).await?;
+                let (client, connection) = self.config.connect(NoTls).await.map_err(failed)?;
                 Ok((client, drive(who, connection)))
             }
         }
+    }
+
+    /// Where connections go, for errors: `host:port/database as user` (never the password).
+    pub(crate) fn target(&self) -> String {
+        let c = &self.config;
+        let hosts: Vec<String> = c
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        let port = c.get_ports().first().copied().unwrap_or(5432);
+        let host = if hosts.is_empty() { "localhost".to_owned() } else { hosts.join(",") };
+        let db = c.get_dbname().or(c.get_user()).unwrap_or("postgres");
+        format!("{host}:{port}/{db} as {}", c.get_user().unwrap_or("(no user)"))
     }
 }
 
@@ -305,8 +336,13 @@ impl PostgresSink {
         let (conn, applied, lsn, days) = self.rt.block_on(async {
             let (conn, applied) =
                 match tokio::time::timeout(CONNECT_TIMEOUT, open_conn(connector, schema, migrate)).await {
-                    Ok(opened) => opened.map_err(|source| Error::Postgres { what: "connect", source })?,
-                    Err(_) => return Err(Error::PostgresTimeout { what: "connect", after: CONNECT_TIMEOUT }),
+                    Ok(opened) => opened?,
+                    Err(_) => {
+                        return Err(Error::PostgresConnectTimeout {
+                            target: connector.target(),
+                            after: CONNECT_TIMEOUT,
+                        })
+                    }
                 };
             let lsn = read_checkpoint(&conn.client, schema)
                 .await
@@ -562,18 +598,14 @@ impl Sink for PostgresSink {
 
 /// Opens a connection, runs the migrations when `migrate`, and prepares the sink's statements
 /// (after the migrations: COPY needs its table to exist). Returns the versions applied.
-async fn open_conn(
-    connector: &Connector,
-    schema: &str,
-    migrate: bool,
-) -> Result<(Conn, Vec<i32>), tokio_postgres::Error> {
+async fn open_conn(connector: &Connector, schema: &str, migrate: bool) -> Result<(Conn, Vec<i32>)> {
     let (mut client, task) = connector.connect("postgres sink").await?;
     let applied = if migrate { schema::migrate(&mut client, schema).await } else { Ok(Vec::new()) };
     let applied = match applied {
         Ok(applied) => applied,
-        Err(e) => {
+        Err(source) => {
             task.abort();
-            return Err(e);
+            return Err(Error::Postgres { what: "migrate", source });
         }
     };
     let statements = async {
@@ -587,9 +619,9 @@ async fn open_conn(
         Ok((copy_locations, copy_diagnostics, save_checkpoint)) => {
             Ok((Conn { client, task, copy_locations, copy_diagnostics, save_checkpoint }, applied))
         }
-        Err(e) => {
+        Err(source) => {
             task.abort();
-            Err(e)
+            Err(Error::Postgres { what: "prepare", source })
         }
     }
 }

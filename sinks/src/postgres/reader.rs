@@ -77,7 +77,7 @@ impl PostgresReader {
         if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let (client, _task) = self.connector.connect("postgres reader").await.map_err(err("connect"))?;
+        let (client, _task) = self.connector.connect("postgres reader").await?;
         let client = Arc::new(client);
         *slot = Some(client.clone());
         Ok(client)

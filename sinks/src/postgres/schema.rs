@@ -262,7 +262,20 @@ pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
             Some(detail) => format!("{} {} ({detail})", db.code().code(), db.message()),
             None => format!("{} {}", db.code().code(), db.message()),
         },
-        None => e.to_string(),
+        // "error connecting to server" alone says nothing: give the causes after it
+        // ("Connection refused (os error 111)").
+        None => {
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                let c_text = c.to_string();
+                if !text.contains(&c_text) {
+                    text = format!("{text}: {c_text}");
+                }
+                cause = c.source();
+            }
+            text
+        }
     }
 }
 

@@ -162,6 +162,21 @@ fn open_client(cfg: &RedisConfig) -> Result<Client> {
     Client::build_with_tls(url, certs).map_err(|source| Error::Redis { what: "set up TLS", source })
 }
 
+/// `fleetpipe check`: connects as the sink would and asks the server's version (blocking).
+pub fn check(cfg: &RedisConfig) -> Result<String> {
+    let client = open_client(cfg)?;
+    let addr = client.get_connection_info().addr().to_string();
+    let failed = |e: redis::RedisError| {
+        Error::Config(format!(
+            "{addr}: {e}; check that Redis runs there and that [redis] url (FLEETPIPE_REDIS_URL) is right"
+        ))
+    };
+    let mut conn = connect(&client, cfg.io_timeout, &client_name("check", &cfg.prefix)).map_err(failed)?;
+    let info: String = redis::cmd("INFO").arg("server").query(&mut conn).map_err(failed)?;
+    let version = info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or("unknown");
+    Ok(format!("{addr}: Redis {}", version.trim()))
+}
+
 /// A connection with read/write timeouts, named `name` (`CLIENT LIST` shows who is who).
 pub(crate) fn connect(client: &Client, timeout: Duration, name: &str) -> RedisResult<Connection> {
     let mut conn = client.get_connection_with_timeout(timeout)?;
