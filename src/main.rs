@@ -16,6 +16,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the pipeline (embedded defaults without a config).
+    #[command(after_help = RUN_ENV)]
     Run {
         /// TOML configuration file (also FLEETPIPE_CONFIG).
         #[arg(long)]
@@ -178,6 +179,30 @@ async fn check(config: Option<&std::path::Path>) -> anyhow::Result<()> {
 fn now_rfc3339() -> String {
     fleetpipe_processors::time::format_millis(fleetpipe_pipeline::now_micros())
 }
+
+/// `fleetpipe run --help`: the environment, which wins over the file.
+const RUN_ENV: &str = "\
+Environment (wins over the file; see fleetpipe.example.toml for every setting):
+  FLEETPIPE_CONFIG                 the configuration file (as --config)
+  FLEETPIPE_DATA_DIR               write-ahead log, Parquet, dead letters, credentials [./data]
+  FLEETPIPE_GATEWAY_LISTEN         the MQTT gateway vehicles connect to [127.0.0.1:1883]
+  FLEETPIPE_MQTT_LISTEN            the same (the contract's older name)
+  FLEETPIPE_HTTP_ADDR              the HTTP API and console [127.0.0.1:8080]
+  FLEETPIPE_HTTP_AUTH_TOKEN        a bearer token the HTTP API asks for
+  FLEETPIPE_AUTH                   none | token (default: token once a listener is not on loopback)
+  FLEETPIPE_TELTONIKA_LISTEN       Teltonika trackers over TCP (off unless set)
+  FLEETPIPE_TELTONIKA_UDP_LISTEN   Teltonika trackers over UDP (off unless set)
+  FLEETPIPE_MQTT_URL               an external broker to subscribe to, mqtt:// or mqtts://
+  FLEETPIPE_MQTT_CLIENT_ID, FLEETPIPE_MQTT_USERNAME, FLEETPIPE_MQTT_PASSWORD
+  FLEETPIPE_KAFKA_BROKERS          Kafka: input topic, clean and dead-letter outputs
+  FLEETPIPE_KAFKA_TOPIC, FLEETPIPE_KAFKA_GROUP, FLEETPIPE_KAFKA_USERNAME, FLEETPIPE_KAFKA_PASSWORD
+  FLEETPIPE_POSTGRES_URL           history in day-partitioned tables, postgres://user@host:port/db
+  FLEETPIPE_REDIS_URL              the L2 latest-state cache, redis:// or rediss://
+  RUST_LOG                         log filter [info]; FLEETPIPE_LOG_FORMAT=json for JSON lines
+  OTEL_EXPORTER_OTLP_ENDPOINT      send traces over OTLP/HTTP (off unless set); OTEL_SERVICE_NAME,
+                                   OTEL_TRACES_SAMPLER(_ARG), OTEL_EXPORTER_OTLP_HEADERS honoured
+
+Before the first run: `fleetpipe check` tries all of it and says what is wrong.";
 
 /// The log filter when `RUST_LOG` is unset: fleetpipe's own `info`, and the libraries'
 /// warnings only (ntex narrates its workers starting and stopping at `info`).

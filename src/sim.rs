@@ -88,6 +88,8 @@ impl Target {
                         Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
                             Tally::add(&counter.acked, 1);
                         }
+                        // `finish` disconnected: the end, not a lost connection.
+                        Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                         Ok(_) => {}
                         Err(rumqttc::ConnectionError::RequestsDone) => return,
                         Err(e) => {

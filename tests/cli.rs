@@ -11,7 +11,10 @@ use common::*;
 fn fleetpipe_cmd(args: &[&str]) -> String {
     let out =
         Command::new(env!("CARGO_BIN_EXE_fleetpipe")).args(args).env("RUST_LOG", "warn").output().unwrap();
-    assert!(out.status.success(), "fleetpipe {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fleetpipe {args:?} failed: {stderr}");
+    // A run that went well warns of nothing (the end of the connection included).
+    assert!(!stderr.contains("WARN") && !stderr.contains("ERROR"), "fleetpipe {args:?}: {stderr}");
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -162,4 +165,20 @@ fn simulate_against_an_unreachable_target_fails_at_once_and_names_the_address_an
         );
         assert!(stderr.lines().count() <= 3, "{target}: one clear error, not a flood: {stderr}");
     }
+}
+
+#[test]
+fn run_help_lists_the_environment_and_points_at_check() {
+    let out = fleetpipe_cmd(&["run", "--help"]);
+    for var in [
+        "FLEETPIPE_POSTGRES_URL",
+        "FLEETPIPE_GATEWAY_LISTEN",
+        "FLEETPIPE_HTTP_ADDR",
+        "RUST_LOG",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ] {
+        assert!(out.contains(var), "{var} in {out}");
+    }
+    assert!(out.contains("fleetpipe check"), "{out}");
+    assert!(fleetpipe_cmd(&["--help"]).contains("check"), "the check command is listed");
 }

@@ -40,8 +40,9 @@ fn simulate(brokers: &str, secs: &str) -> u64 {
         .unwrap();
     assert!(out.status.success(), "simulate: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    // "simulate: N frames in S s (R frames/s)"
-    text.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("summary: {text}"))
+    // "simulate: sent N frames in S s (R frames/s); acknowledged N; rejected …"
+    assert!(text.contains("; acknowledged "), "summary: {text}");
+    text.split_whitespace().nth(2).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("summary: {text}"))
 }
 
 /// (rows, distinct identities) over both tables.

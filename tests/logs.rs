@@ -44,6 +44,23 @@ async fn session(format: Option<&str>) -> String {
         r.starts_with("HTTP/1.1 200").then_some(())
     })
     .await;
+    // Every counter a dashboard rates is there, at 0, before the first frame.
+    let before = scrape(http);
+    for series in [
+        r#"fleetpipe_frames_received_total{source="mqtt"}"#,
+        r#"fleetpipe_frames_received_total{source="teltonika"}"#,
+        r#"fleetpipe_frames_received_total{source="http"}"#,
+        r#"fleetpipe_frames_accepted_total{kind="location"}"#,
+        r#"fleetpipe_frames_rejected_total{reason="malformed_json"}"#,
+        r#"fleetpipe_frames_written_total{sink="parquet"}"#,
+        r#"fleetpipe_frames_written_total{sink="wal"}"#,
+        "fleetpipe_frames_duplicate_total",
+    ] {
+        assert!(
+            before.lines().any(|l| l == format!("{series} 0")),
+            "{series} 0 before the first frame: {before}"
+        );
+    }
     let frame = r#"{"vehicle_id":"VAN-1","ts":"2026-11-25T21:00:00.250Z","seq":1,"lat":56.1,"lon":10.2}"#;
     for (qos, payload) in
         [("1", frame), ("1", "hello"), ("0", frame), ("1", r#"{"vehicle_id":"VAN-1","lat":91}"#)]

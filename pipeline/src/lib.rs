@@ -188,6 +188,22 @@ fn spawn<T: Send + 'static>(
     std::thread::Builder::new().name(name).spawn(f).map_err(|source| Error::Spawn { what, source })
 }
 
+/// Every counter of the pipeline at 0 from the start, so that `/metrics` (and a dashboard's
+/// `rate()`) has every series before the first frame: accepted by kind, rejected by reason,
+/// written by sink (and the log), duplicates. Sources zero their own `frames_received_total`.
+fn zero_counters<'a>(sinks: impl Iterator<Item = &'a str>) {
+    for kind in ["location", "diagnostic"] {
+        metrics::counter!("fleetpipe_frames_accepted_total", "kind" => kind).increment(0);
+    }
+    for reason in fleetpipe_processors::Reason::ALL {
+        metrics::counter!("fleetpipe_frames_rejected_total", "reason" => reason.code()).increment(0);
+    }
+    for sink in sinks.map(str::to_owned).chain(["wal".to_owned()]) {
+        metrics::counter!("fleetpipe_frames_written_total", "sink" => sink).increment(0);
+    }
+    metrics::counter!("fleetpipe_frames_duplicate_total").increment(0);
+}
+
 impl Pipeline {
     /// Opens the log under `{data_dir}/_fleetpipe/wal`, starts every stage (each factory makes
     /// one instance per shard, applied in the order given) and sink, and replays what the sinks
@@ -219,6 +235,7 @@ impl Pipeline {
         // Sinks, each behind its own queue, catching up from the log when they fall behind.
         let mut feeds = Vec::new();
         let mut handles = Vec::new();
+        zero_counters(sinks.iter().map(|s| s.name()));
         for sink in sinks {
             let from = sink.durable_lsn();
             tracing::info!(sink = sink.name(), durable_lsn = from, "sink opened");
