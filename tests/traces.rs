@@ -97,6 +97,7 @@ async fn a_frame_with_a_traceparent_is_followed_from_http_mqtt5_and_kafka_throug
     let kafka = Tansu::start();
     let topic = format!("traced-{}", unique());
     kafka_client(&["create", &kafka.brokers(), &topic, "1"]);
+    kafka_client(&["create", &kafka.brokers(), &format!("{topic}-clean"), "1"]);
     let dir = tempfile::tempdir().unwrap();
     let (http, gw) = (free_port(), free_port());
     let config = dir.path().join("fleetpipe.toml");
@@ -105,7 +106,7 @@ async fn a_frame_with_a_traceparent_is_followed_from_http_mqtt5_and_kafka_throug
         format!(
             "data_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{http}\"\n[gateway]\nlisten = \"127.0.0.1:{gw}\"\n\
              [parquet]\nroll_secs = 0.3\n[kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\ngroup = \"traced-{}\"\n\
-             clean_topic = \"\"\ndlq_topic = \"\"\nevents_topic = \"\"\n",
+             clean_topic = \"{topic}-clean\"\ndlq_topic = \"\"\nevents_topic = \"\"\n",
             dir.path().display(),
             kafka.brokers(),
             unique()
@@ -130,7 +131,7 @@ async fn a_frame_with_a_traceparent_is_followed_from_http_mqtt5_and_kafka_throug
 
     // HTTP: the traceparent header.
     let (t_http, s_http) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
-    let frame = r#"{"vehicle_id":"TR-HTTP","ts":"2026-11-25T21:00:00.250Z","seq":1,"lat":56.1,"lon":10.2}"#;
+    let frame = r#"{"vehicle_id":"TR-HTTP","kind":"location","ts":"2026-11-25T21:00:00.250Z","seq":1,"lat":56.1,"lon":10.2}"#;
     let r = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{http}/v1/frames"))
         .header("content-type", "application/json")
@@ -202,7 +203,8 @@ async fn a_frame_with_a_traceparent_is_followed_from_http_mqtt5_and_kafka_throug
     for (source, trace_id, publisher_span) in
         [("http", t_http, s_http), ("mqtt", t_mqtt, s_mqtt), ("kafka", t_kafka, s_kafka)]
     {
-        let spans = trace_with(&got, trace_id, &[source, "log.commit", "shard", "sink.parquet"]).await;
+        let spans =
+            trace_with(&got, trace_id, &[source, "log.commit", "shard", "sink.parquet", "sink.kafka"]).await;
         let intake = &spans[source];
         assert_eq!(
             intake.parent, publisher_span,
@@ -212,7 +214,22 @@ async fn a_frame_with_a_traceparent_is_followed_from_http_mqtt5_and_kafka_throug
         assert_eq!(spans["shard"].parent, spans["log.commit"].span_id, "{source}: {spans:#?}");
         assert_eq!(spans["sink.parquet"].parent, spans["log.commit"].span_id, "{source}: {spans:#?}");
         assert!(intake.service.contains("fleetpipe-under-test"), "OTEL_SERVICE_NAME honoured: {intake:?}");
+        assert_eq!(spans["sink.kafka"].parent, spans["log.commit"].span_id, "{source}: {spans:#?}");
     }
+    // Every frame was stored (none rejected), and the clean output carries each traced frame's
+    // trace on, as the Kafka sink's span; the untraced one has no header.
+    let clean = kafka_records(&kafka.brokers(), &format!("{topic}-clean"), 4, 30);
+    for (vehicle, trace_id) in [("TR-HTTP", t_http), ("TR-MQTT", t_mqtt), ("TR-KAFKA", t_kafka)] {
+        let record = clean
+            .iter()
+            .find(|r| r["key"] == vehicle)
+            .unwrap_or_else(|| panic!("{vehicle} in the clean topic: {clean:#?}"));
+        let tp = record["headers"]["traceparent"].as_str().unwrap_or_else(|| panic!("{record}"));
+        let sink_span = spans_of(&got, trace_id).into_iter().find(|s| s.name == "sink.kafka").unwrap();
+        assert_eq!(tp, format!("00-{trace_id}-{}-01", sink_span.span_id), "{record}");
+    }
+    let quiet = clean.iter().find(|r| r["key"] == "TR-QUIET").expect("the unsampled frame is output too");
+    assert!(quiet["headers"].get("traceparent").is_none(), "not traced: {quiet}");
     let status = tokio::task::spawn_blocking(move || running.sigterm()).await.unwrap();
     assert!(status.success(), "{status:?}");
     // Everything is flushed at exit: still nothing of the unsampled request.

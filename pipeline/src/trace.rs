@@ -47,6 +47,15 @@ pub fn sampled_context(span: &tracing::Span) -> Option<TraceContext> {
     })
 }
 
+/// The current span's context when tracing is on and it is sampled: what a sink writes
+/// into an output record (`traceparent`) so that consumers join the trace.
+pub fn current() -> Option<TraceContext> {
+    if !is_on() {
+        return None;
+    }
+    sampled_context(&tracing::Span::current())
+}
+
 /// A stage's span over one batch: a child of `contexts[0]`, linked to the rest (`None` when
 /// tracing is off). `root`: made even without an incoming context (the log commit, the start of
 /// every trace the sampler picks); otherwise only for a batch that has one.

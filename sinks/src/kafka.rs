@@ -183,10 +183,19 @@ impl KafkaSink {
         let mut json = std::mem::take(&mut self.json);
         let mut sent = 0u64;
         if let Some(topic) = &self.cfg.clean_topic {
+            // A traced batch (the driver's `sink.kafka` span is current) carries its trace on.
+            let traceparent = fleetpipe_pipeline::trace::current().map(|c| c.header());
             for f in &batch.frames {
                 json.clear();
                 encode_json(f, &mut json);
-                self.send(BaseRecord::to(topic).key(f.vehicle_id.as_bytes()).payload(&json[..]))?;
+                let record = BaseRecord::to(topic).key(f.vehicle_id.as_bytes()).payload(&json[..]);
+                let record = match &traceparent {
+                    Some(tp) => record.headers(
+                        OwnedHeaders::new().insert(Header { key: "traceparent", value: Some(tp.as_str()) }),
+                    ),
+                    None => record,
+                };
+                self.send(record)?;
                 sent += 1;
             }
         }
