@@ -187,19 +187,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
 
     // Sources.
     let mut sources = Sources::new(pipeline.intake.clone(), rules, pipeline.pushback.clone());
-    // Every source's received counter is there before its first frame (the gateway and the
-    // broker both count as `mqtt`).
-    let kafka_in = cfg.kafka.source().is_some();
-    for (on, source) in [
-        (gateway.is_some() || mqtt.is_some(), "mqtt"),
-        (teltonika.is_some(), "teltonika"),
-        (kafka_in, "kafka"),
-        (true, "http"),
-    ] {
-        if on {
-            fleetpipe_pipeline::count_received(source, 0);
-        }
-    }
     if let Some(g) = gateway {
         sources.spawn(g);
     }

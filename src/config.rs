@@ -309,10 +309,14 @@ impl KafkaSection {
 }
 
 impl Config {
+    /// The file `load` reads: `--config`, else `FLEETPIPE_CONFIG`, else none.
+    pub fn file(arg: Option<&Path>) -> Option<PathBuf> {
+        arg.map(Path::to_path_buf).or_else(|| std::env::var_os("FLEETPIPE_CONFIG").map(PathBuf::from))
+    }
+
     /// Reads the file (`--config`, else `FLEETPIPE_CONFIG`, else none), then the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
-        let env_file = std::env::var_os("FLEETPIPE_CONFIG").map(PathBuf::from);
-        let mut cfg = match file.map(Path::to_path_buf).or(env_file) {
+        let mut cfg = match Self::file(file) {
             Some(path) => Self::from_file(&path)?,
             None => Config::default(),
         };

@@ -140,9 +140,7 @@ fn credentials(config: Option<&std::path::Path>, action: CredentialsAction) -> a
 /// `fleetpipe check`: the report on standard output; exit status 1 when anything failed.
 async fn check(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     use fleetpipe::check::{Line, Status};
-    let file =
-        config.map(|p| p.to_path_buf()).or_else(|| std::env::var_os("FLEETPIPE_CONFIG").map(PathBuf::from));
-    let source = match &file {
+    let source = match Config::file(config) {
         Some(f) => f.display().to_string(),
         None => "embedded defaults".to_owned(),
     };

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use fleetpipe_ingest::http::{
-    count_cache, l1_near, l1_positions, BoxFuture, Found, Near, Nearby, ReadError, ReadPath,
+    count_cache, l1_near, l1_positions, BoxFuture, Found, Near, Nearby, ReadError, ReadPath, VehicleFilter,
 };
 use fleetpipe_pipeline::now_micros;
 use fleetpipe_processors::latest::{LatestCache, Position, VehicleState};
@@ -129,7 +129,11 @@ impl ReadPath for Tiers {
         self.store.is_some()
     }
 
-    fn positions(&self, limit: usize) -> BoxFuture<'_, Result<(Vec<Position>, u64), ReadError>> {
-        Box::pin(l1_positions(self.l1.clone(), limit))
+    fn positions(
+        &self,
+        limit: usize,
+        keep: VehicleFilter,
+    ) -> BoxFuture<'_, Result<(Vec<Position>, u64), ReadError>> {
+        Box::pin(l1_positions(self.l1.clone(), limit, keep))
     }
 }

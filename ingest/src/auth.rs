@@ -116,17 +116,6 @@ pub enum Identity {
 }
 
 impl Identity {
-    /// Whether this identity speaks for every vehicle (`*`, or no auth).
-    pub fn allows_all(&self) -> bool {
-        match self {
-            Identity::Anyone => true,
-            Identity::Credential { scope: Scope::Patterns { patterns }, .. } => {
-                patterns.iter().any(|p| p == "*")
-            }
-            Identity::Credential { .. } | Identity::Certificate { .. } => false,
-        }
-    }
-
     /// Whether this identity may speak for `vehicle_id`.
     pub fn allows(&self, vehicle_id: &str) -> bool {
         match self {

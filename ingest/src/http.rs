@@ -124,19 +124,29 @@ pub trait ReadPath: Send + Sync {
         to: Micros,
         limit: usize,
     ) -> BoxFuture<'a, std::result::Result<Option<Vec<Frame>>, ReadError>>;
-    /// The latest fixes of the first `limit` vehicles by id, and how many vehicles have one
-    /// (this instance's L1: what the console draws).
-    fn positions(&self, limit: usize) -> BoxFuture<'_, std::result::Result<(Vec<Position>, u64), ReadError>>;
+    /// The latest fixes of the first `limit` vehicles by id that `keep` lets through, and how
+    /// many of them have one (this instance's L1: what the console draws).
+    fn positions(
+        &self,
+        limit: usize,
+        keep: VehicleFilter,
+    ) -> BoxFuture<'_, std::result::Result<(Vec<Position>, u64), ReadError>>;
     /// Whether [`ReadPath::track`] has a history store to read.
     fn has_history(&self) -> bool;
 }
+
+/// Which vehicles a caller may see (its token's scope).
+pub type VehicleFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// The console's positions from L1 (a scan: off the async workers).
 pub async fn l1_positions(
     latest: LatestCache,
     limit: usize,
+    keep: VehicleFilter,
 ) -> std::result::Result<(Vec<Position>, u64), ReadError> {
-    tokio::task::spawn_blocking(move || latest.positions(limit)).await.map_err(|e| ReadError::new("l1", e))
+    tokio::task::spawn_blocking(move || latest.positions(limit, |id| keep(id)))
+        .await
+        .map_err(|e| ReadError::new("l1", e))
 }
 
 /// A near query: at most `limit` vehicles within `radius_m` of (`lat`, `lon`).

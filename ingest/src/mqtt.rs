@@ -215,10 +215,8 @@ impl Publish {
         match self {
             Publish::V4(_) => None,
             Publish::V5(p) => p.properties.as_ref().and_then(|pr| {
-                pr.user_properties
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
-                    .and_then(|(_, v)| fleetpipe_processors::trace::TraceContext::parse(v))
+                let pairs = pr.user_properties.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+                fleetpipe_processors::trace::TraceContext::find(pairs)
             }),
         }
     }

@@ -190,7 +190,8 @@ fn spawn<T: Send + 'static>(
 
 /// Every counter of the pipeline at 0 from the start, so that `/metrics` (and a dashboard's
 /// `rate()`) has every series before the first frame: accepted by kind, rejected by reason,
-/// written by sink (and the log), duplicates. Sources zero their own `frames_received_total`.
+/// written by sink (and the log), duplicates. `Sources::spawn` zeroes each source's
+/// `frames_received_total`.
 fn zero_counters<'a>(sinks: impl Iterator<Item = &'a str>) {
     for kind in ["location", "diagnostic"] {
         metrics::counter!("fleetpipe_frames_accepted_total", "kind" => kind).increment(0);

@@ -98,8 +98,13 @@ pub struct SourceContext {
 /// A source of frames (MQTT, Kafka, HTTP, ...).
 pub trait Source: Send + 'static {
     type Error: std::error::Error + Send + Sync + 'static;
-    /// Short name, for logs and the `source` label.
+    /// Short name, for logs.
     fn name(&self) -> &'static str;
+    /// Its `source` label in `fleetpipe_frames_received_total` (the name, unless several
+    /// sources share a label).
+    fn counted_as(&self) -> &'static str {
+        self.name()
+    }
     /// How long the drain waits for the source to return before giving up on it (`None`:
     /// as long as it takes — a source that holds unacknowledged input must finish).
     fn drain_grace(&self) -> Option<Duration> {
@@ -140,6 +145,8 @@ impl Sources {
     /// Starts `source` on the runtime.
     pub fn spawn<S: Source>(&mut self, source: S) {
         let name = source.name();
+        // Its received counter is there, at 0, before its first frame.
+        crate::count_received(source.counted_as(), 0);
         let grace = source.drain_grace();
         let ctx = SourceContext {
             intake: self.intake.clone(),

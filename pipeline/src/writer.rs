@@ -231,12 +231,13 @@ impl Writer {
             return Ok(());
         }
         let payloads: Vec<Vec<u8>> = batch.iter().map(|s| record::encode(&s.entry)).collect();
-        let commit_span = crate::trace::is_on().then(|| {
+        let commit_span = if crate::trace::is_on() {
             let incoming: Vec<_> = batch.iter().flat_map(|s| s.entry.trace.iter().copied()).collect();
             let frames = batch.iter().map(|s| s.entry.frames.len()).sum();
             crate::trace::stage_span("log.commit", &incoming, frames, true)
-        });
-        let commit_span = commit_span.flatten();
+        } else {
+            None
+        };
         let _entered = commit_span.as_ref().map(|s| s.enter());
         let mut started = Instant::now();
         let mut fault: Option<(Instant, u64)> = None;

@@ -205,10 +205,10 @@ impl LatestCache {
         hits
     }
 
-    /// The latest fixes of at most `limit` vehicles, those first by vehicle id, and how many
-    /// vehicles hold a fix (a scan of every bucket, for the console; call it off the async
-    /// workers).
-    pub fn positions(&self, limit: usize) -> (Vec<Position>, u64) {
+    /// The latest fixes of at most `limit` of the vehicles `keep` lets through, those first by
+    /// vehicle id, and how many of them hold a fix (a scan of every bucket, for the console;
+    /// call it off the async workers).
+    pub fn positions(&self, limit: usize, keep: impl Fn(&str) -> bool) -> (Vec<Position>, u64) {
         // A max-heap of the `limit` smallest ids seen so far.
         let mut heap = std::collections::BinaryHeap::<ById>::new();
         let mut total = 0u64;
@@ -216,6 +216,9 @@ impl LatestCache {
             let slots = bucket.slots.read().unwrap_or_else(PoisonError::into_inner);
             for s in slots.iter() {
                 let Some(l) = &s.location else { continue };
+                if !keep(s.id.as_str()) {
+                    continue;
+                }
                 total += 1;
                 if limit == 0
                     || heap.len() == limit
@@ -605,14 +608,18 @@ mod tests {
             (0..50).rev().map(|i| loc(&format!("V{i:02}"), 10 + i, f64::from(i as u8))).collect();
         c.apply(&frames);
         c.apply(&[loc("V03", 5, 99.0), loc("V04", 100, 44.5)]);
-        let (first, total) = c.positions(5);
+        let all = |_: &str| true;
+        let (first, total) = c.positions(5, all);
         assert_eq!(total, 50);
         let ids: Vec<&str> = first.iter().map(|p| &*p.vehicle_id).collect();
         assert_eq!(ids, ["V00", "V01", "V02", "V03", "V04"]);
         assert_eq!((first[3].ts, first[3].lat), (13, 3.0), "a late fix is not latest");
         assert_eq!((first[4].ts, first[4].lat, first[4].lon), (100, 44.5, 10.0));
-        assert_eq!(c.positions(0).0.len(), 0);
-        assert_eq!(c.positions(500).0.len(), 50);
+        assert_eq!(c.positions(0, all).0.len(), 0);
+        assert_eq!(c.positions(500, all).0.len(), 50);
+        let (mine, total) = c.positions(5, |id| id >= "V47");
+        let ids: Vec<&str> = mine.iter().map(|p| &*p.vehicle_id).collect();
+        assert_eq!((ids, total), (vec!["V47", "V48", "V49"], 3), "only what `keep` lets through, counted");
     }
 
     #[test]

@@ -33,6 +33,17 @@ impl TraceContext {
         Some(TraceContext { trace_id, span_id, sampled: flags & 1 == 1 })
     }
 
+    /// The `traceparent` among a message's key-value pairs (MQTT 5 user properties, Kafka or
+    /// HTTP headers; the key in any case), if there is a valid one.
+    pub fn find<K: AsRef<str>, V: AsRef<str>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Option<TraceContext> {
+        pairs
+            .into_iter()
+            .find(|(k, _)| k.as_ref().eq_ignore_ascii_case("traceparent"))
+            .and_then(|(_, v)| TraceContext::parse(v.as_ref()))
+    }
+
     /// The `traceparent` header value.
     pub fn header(&self) -> String {
         let mut out = String::with_capacity(55);
@@ -80,6 +91,9 @@ mod tests {
         assert_eq!(c.span_id[7], 0xb7);
         assert!(c.sampled);
         assert_eq!(c.header(), header);
+        let props = [("content-type", "application/json"), ("TraceParent", header)];
+        assert_eq!(TraceContext::find(props), Some(c), "found by key in any case");
+        assert_eq!(TraceContext::find([("traceparent", "garbage")]), None);
         let unsampled = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
         assert!(!unsampled.expect("valid").sampled);
         // A later version may carry more fields.

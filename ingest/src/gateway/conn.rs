@@ -483,12 +483,7 @@ async fn publish_v5(s: v5::Session<Conn>, p: v5::Publish) -> Result<v5::PublishA
     use v5::codec::PublishAckReason;
     let content_type = p.packet().properties.content_type.as_ref().map(|c| c.to_string());
     let trace = if fleetpipe_pipeline::trace::is_on() {
-        p.packet()
-            .properties
-            .user_properties
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
-            .and_then(|(_, v)| TraceContext::parse(v))
+        TraceContext::find(p.packet().properties.user_properties.iter().map(|(k, v)| (&**k, &**v)))
     } else {
         None
     };

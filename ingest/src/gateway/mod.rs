@@ -226,6 +226,11 @@ impl Source for GatewaySource {
         "gateway"
     }
 
+    /// Vehicles' MQTT, whichever server they publish to.
+    fn counted_as(&self) -> &'static str {
+        "mqtt"
+    }
+
     async fn run(self, ctx: SourceContext) -> Result<()> {
         let shared = Arc::new(Shared {
             intake: ctx.intake,

@@ -88,7 +88,7 @@ pub(super) async fn stream(
     Query(q): Query<SnapshotQuery>,
 ) -> Response {
     let limit = limit(&q);
-    let ticks = tokio_stream_interval(Duration::from_secs(1));
+    let ticks = every(Duration::from_secs(1));
     let stream = futures_util::StreamExt::then(ticks, move |()| {
         let (st, caller) = (st.clone(), caller.clone());
         async move {
@@ -103,7 +103,7 @@ pub(super) async fn stream(
 }
 
 /// Ticks at once and then every `period`, for as long as the reader reads.
-fn tokio_stream_interval(period: Duration) -> impl futures_util::Stream<Item = ()> {
+fn every(period: Duration) -> impl futures_util::Stream<Item = ()> {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     futures_util::stream::unfold(interval, |mut interval| async move {
@@ -117,16 +117,10 @@ fn limit(q: &SnapshotQuery) -> usize {
 }
 
 async fn build(st: &ApiState, caller: &Caller, limit: usize) -> Result<Value, Response> {
-    let (positions, total) = match &caller.0 {
-        // A scoped token lists its own vehicles only: scan for them.
-        Some(identity) if !identity.allows_all() => {
-            let (all, _) = st.reads.positions(MAX_VEHICLES).await.map_err(|e| unavailable(&e))?;
-            let mine: Vec<Position> = all.into_iter().filter(|p| caller.allows(&p.vehicle_id)).collect();
-            let total = mine.len() as u64;
-            (mine.into_iter().take(limit).collect(), total)
-        }
-        _ => st.reads.positions(limit).await.map_err(|e| unavailable(&e))?,
-    };
+    // A scoped token lists and counts its own vehicles only.
+    let scope = caller.clone();
+    let keep: super::VehicleFilter = std::sync::Arc::new(move |id: &str| scope.allows(id));
+    let (positions, total) = st.reads.positions(limit, keep).await.map_err(|e| unavailable(&e))?;
     let vehicles: Vec<Value> = positions.iter().map(position_json).collect();
     let metrics = Exposition::parse(&(st.render_metrics)());
     let (events, trips) = st.events.as_ref().map(|s| s.latest()).unwrap_or_default();
