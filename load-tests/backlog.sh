@@ -31,7 +31,7 @@ qos = 1
 ${FLEETPIPE_TOML:-}
 CONF
   start_fp() {
-    RUST_LOG=warn "$BIN/fleetpipe" run --config "$WORK/fp.$tag.toml" >> "$WORK/fp.$tag.log" 2>&1 & fp=$!
+    RUST_LOG=warn "$FLEETPIPE" run --config "$WORK/fp.$tag.toml" >> "$WORK/fp.$tag.log" 2>&1 & fp=$!
     PIDS+=($fp)
     wait_ready "http://127.0.0.1:$http" || true
   }

@@ -2,6 +2,7 @@
 # Every end-to-end measurement in one run, each against its limit measured in the same run, and
 # one table at the end:
 #   MQTT QoS 0 and QoS 1   Mosquitto → bare subscriber      vs fleetpipe durable / in Parquet
+#   20 mosquitto_pub       the same into a bare mosquitto_sub vs fleetpipe (rate and CPU/frame)
 #   Kafka                  bare rdkafka consumer            vs fleetpipe durable / in Parquet
 #   Postgres               psql \copy of the same rows      vs the Postgres sink
 #   Parquet                the parquet crate, same rows     vs the Parquet sink
@@ -18,9 +19,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source load-tests/lib.sh
 if [ "${SMOKE:-0}" = 1 ]; then
-  MQTT_FRAMES=20000; KAFKA_FRAMES=20000; ROUNDS=1; PG_ROWS=20000; PQ_ROWS=50000; K6_DUR=3s; LAT_SECS=3
+  MQTT_FRAMES=20000; KAFKA_FRAMES=20000; PUB_FRAMES=1000; ROUNDS=1; PG_ROWS=20000; PQ_ROWS=50000; K6_DUR=3s; LAT_SECS=3
 else
-  MQTT_FRAMES=300000; KAFKA_FRAMES=300000; ROUNDS=3; PG_ROWS=200000; PQ_ROWS=500000; K6_DUR=20s; LAT_SECS=20
+  MQTT_FRAMES=300000; KAFKA_FRAMES=300000; PUB_FRAMES=15000; ROUNDS=3; PG_ROWS=200000; PQ_ROWS=500000; K6_DUR=20s; LAT_SECS=20
 fi
 build_release
 OUT=load-tests/results/all
@@ -30,6 +31,7 @@ SCHEMA="fp_benchall_$$"
 trap 'psql "$PG" -qAtX -c "SET client_min_messages = warning; DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null 2>&1 || true' EXIT
 
 echo "== mqtt";     load-tests/mqtt_ratio.sh "$MQTT_FRAMES" 1000 "$ROUNDS" 2>&1 | grep -v Warning | tee "$OUT/mqtt.txt" | tail -3
+echo "== publishers"; load-tests/publishers.sh 20 "$PUB_FRAMES" "$ROUNDS" 2>&1 | tee "$OUT/publishers.txt" | tail -5
 echo "== kafka";    load-tests/kafka_ratio.sh "$KAFKA_FRAMES" 1000 "$ROUNDS" 2>&1 | tee "$OUT/kafka.txt" | tail -2
 echo "== postgres"; "$BIN/fleetpipe-load" pg-sink --url "$PG" --schema "$SCHEMA" --rows "$PG_ROWS" --batch 1000 --rounds "$ROUNDS" | tee "$OUT/postgres.txt" | tail -1
 echo "== parquet";  "$BIN/fleetpipe-load" parquet-bench --rows "$PQ_ROWS" --rounds "$ROUNDS" | tee "$OUT/parquet.txt" | tail -1
@@ -42,6 +44,7 @@ load-tests/latency.sh "$half" 1000 "$LAT_SECS" 2>&1 | grep -v Warning | tee "$OU
 # The table.
 num() { python3 -c "import sys; print(f'{float(sys.argv[1]):,.0f}')" "$1"; }
 mq() { awk -v q="$1" -v c="$2" '$1=="median" && $2==q {print $c}' "$OUT/mqtt.txt"; }
+pb() { awk -v q="$1" -v c="$2" '$1=="median" && $2==q {print $c}' "$OUT/publishers.txt"; }
 kf() { awk -v c="$1" '$1=="median" {print $c}' "$OUT/kafka.txt"; }
 pgl=$(grep '^postgres:' "$OUT/postgres.txt")
 pg_copy=$(sed -E 's/.*median psql \\copy ([0-9]+).*/\1/' <<<"$pgl"); pg_sink=$(sed -E 's/.*sink ([0-9]+) rows.*/\1/' <<<"$pgl")
@@ -59,12 +62,18 @@ lat=$(grep '^latency:' "$OUT/latency.txt")
   printf '%-34s %16s %16s %7s\n' "MQTT QoS 0, in Parquet" "$(num "$(mq 0 3)")" "$(num "$(mq 0 5)")" "$(mq 0 7)"
   printf '%-34s %16s %16s %7s\n' "MQTT QoS 1, durable (acked)" "$(num "$(mq 1 3)")" "$(num "$(mq 1 4)")" "$(mq 1 6)"
   printf '%-34s %16s %16s %7s\n' "MQTT QoS 1, in Parquet" "$(num "$(mq 1 3)")" "$(num "$(mq 1 5)")" "$(mq 1 7)"
+  printf '%-34s %16s %16s %7s\n' "20 mosquitto_pub QoS 0, durable" "$(num "$(pb 0 3)")" "$(num "$(pb 0 4)")" "$(pb 0 6)"
+  printf '%-34s %16s %16s %7s\n' "20 mosquitto_pub QoS 1, durable" "$(num "$(pb 1 3)")" "$(num "$(pb 1 4)")" "$(pb 1 6)"
+  printf '%-34s %16s %16s %7s\n' "20 mosquitto_pub QoS 0, in Parquet" "$(num "$(pb 0 3)")" "$(num "$(pb 0 5)")" "$(pb 0 7)"
   printf '%-34s %16s %16s %7s\n' "Kafka, durable (committable)" "$(num "$(kf 2)")" "$(num "$(kf 3)")" "$(kf 4)"
   printf '%-34s %16s %16s %7s\n' "Kafka, in Parquet" "$(num "$(kf 2)")" "$(num "$(kf 5)")" "$(kf 6)"
   printf '%-34s %16s %16s %7s\n' "Postgres rows (psql \\copy)" "$(num "$pg_copy")" "$(num "$pg_sink")" "$pg_ratio"
   printf '%-34s %16s %16s %7s\n' "Parquet rows (parquet crate)" "$(num "$pq_l")" "$(num "$pq_f")" "$pq_ratio"
   printf '%-34s %16s %16s %7s\n' "HTTP single frames (k6)" "$(num "$(ht single 2)")" "$(num "$(ht single 3)")" "$(ht single 4)"
   printf '%-34s %16s %16s %7s\n' "HTTP batches of 100 (k6)" "$(num "$(ht batch 2)")" "$(num "$(ht batch 3)")" "$(ht batch 4)"
+  echo "CPU per frame, fleetpipe over the bare client of the same run (user + system, medians):"
+  grep -h -A4 '^CPU seconds per million frames' "$OUT"/mqtt.txt "$OUT"/publishers.txt "$OUT"/kafka.txt "$OUT"/http.txt 2>/dev/null \
+    | grep -Ev '^(CPU|run|script|--|$)' | sed 's/^/  /' || true
   echo "frame→queryable at $half frames/s: ${lat#latency: }"
   grep -h 'peak RSS' "$OUT"/*.txt | sed 's/^/  /' || true
 } | tee "$OUT/table.txt"

@@ -64,7 +64,7 @@ credentials_file = "$WORK/credentials"
 [parquet]
 roll_secs = 1.0
 CONF
-  RUST_LOG=warn "$BIN/fleetpipe" run --config "$WORK/fleetpipe.toml" 2>> "$WORK/fleetpipe.log" & FP=$!
+  RUST_LOG=warn "$FLEETPIPE" run --config "$WORK/fleetpipe.toml" 2>> "$WORK/fleetpipe.log" & FP=$!
   PIDS+=("$FP")
   HTTP_URL="http://127.0.0.1:$http"
   METRICS_URL="http://127.0.0.1:$admin/metrics"
@@ -121,6 +121,7 @@ measure() {
   case "$server" in
     gateway)
       gateway_up token
+      local u0 s0 u1 s1; read -r u0 s0 < <(cpu_of "$FP")
       if [ "$qos" = 1 ]; then
         read -r start end < <(publishers "$kind" 1 "$GW_PORT" auth)
       else
@@ -129,13 +130,20 @@ measure() {
         read -r start _ < <(publishers "$kind" 0 "$GW_PORT" auth)
         wait "$w"; end=$(awk '/^end/{print $2}' "$WORK/wal.out")
       fi
+      read -r u1 s1 < <(cpu_of "$FP")
+      python3 -c "print(f'{$u1 - $u0:.3f} {$s1 - $s0:.3f}')" > "$WORK/gw.cpu"
       release; gateway_down ;;
     mosquitto)
       rm -f "$WORK/ready"
-      "$LOAD" subscribe --port "$MQTT_PORT" --count "$FRAMES" --qos "$qos" --ready-file "$WORK/ready" > "$WORK/sub.out" & local s=$!
+      cpu_run "$WORK/sub.cpu" "$LOAD" subscribe --port "$MQTT_PORT" --count "$FRAMES" --qos "$qos" --ready-file "$WORK/ready" > "$WORK/sub.out" & local s=$!
       for _ in $(seq 1 500); do [ -f "$WORK/ready" ] && break; sleep 0.01; done
+      local b0 c0 b1 c1; read -r b0 c0 < <(cpu_of "$MOSQ_PID")
       read -r start _ < <(publishers "$kind" "$qos" "$MQTT_PORT")
-      wait "$s"; end=$(awk '/^end/{print $2}' "$WORK/sub.out"); release ;;
+      wait "$s"; end=$(awk '/^end/{print $2}' "$WORK/sub.out"); release
+      read -r b1 c1 < <(cpu_of "$MOSQ_PID")
+      local su ss; read -r _ _ _ su _ ss _ < "$WORK/sub.cpu"
+      # The gateway is broker and subscriber in one: compared with both.
+      python3 -c "print(f'{$b1 - $b0 + $su:.3f} {$c1 - $c0 + $ss:.3f}')" > "$WORK/mq.cpu" ;;
     null)
       # A fresh server per measurement: it prints "end" at its FRAMES-th PUBLISH.
       local port; port="$(free_port)"
@@ -151,7 +159,7 @@ measure() {
 printf '\nfleetpipe vehicle gateway: %s frames, %s rounds, %s, %s cores\n' "$FRAMES" "$ROUNDS" "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)"
 printf '\n1. throughput (frames/s; ratios per round, then the median)\n'
 printf '%-6s %-14s %-4s %12s %12s %12s %10s %10s\n' round publishers qos gateway mosquitto null 'gw/mosq' 'gw/null'
-: > "$WORK/rows"
+: > "$WORK/rows"; : > "$WORK/cpu"
 for round in $(seq 1 "$ROUNDS"); do
   for kind in fleet mosquitto_pub; do
     # mosquitto_pub closes its connection as soon as its last QoS 0 PUBLISH is written: what is
@@ -160,6 +168,7 @@ for round in $(seq 1 "$ROUNDS"); do
     for qos in $qoss; do
       g=$(measure gateway "$kind" "$qos"); m=$(measure mosquitto "$kind" "$qos"); n=$(measure null "$kind" "$qos")
       echo "$round $kind $qos $g $m $n" >> "$WORK/rows"
+      echo "$kind-q$qos $(cat "$WORK/mq.cpu") $(cat "$WORK/gw.cpu")" >> "$WORK/cpu"
       python3 -c "
 n=$FRAMES; g,m,u=$g,$m,$n
 print(f'{$round:<6} {\"$kind\":<14} {$qos:<4} {n/g:12.0f} {n/m:12.0f} {n/u:12.0f} {m/g:10.2f} {u/g:10.2f}')"
@@ -179,6 +188,8 @@ for kind in ("fleet", "mosquitto_pub"):
         print(f"{'median':<6} {kind:<14} {qos:<4} {g:12.0f} {m:12.0f} {u:12.0f} {rm:10.2f} {ru:10.2f}")
 PY
 cat "$WORK/medians"
+echo
+cpu_table "$WORK/cpu" "$FRAMES" "Mosquitto + bare subscriber (fleetpipe-load subscribe)"
 CAPACITY=$(awk '$2=="fleet" && $3=="1"{print $4}' "$WORK/medians")
 
 printf '\n2. latency at half capacity (%s frames/s of %s, 1,000 vehicles, 20 s)\n' $((CAPACITY / 2)) "$CAPACITY"

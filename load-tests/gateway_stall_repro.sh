@@ -12,12 +12,12 @@ setup_work
 GW="$(free_port)"; HTTP="$(free_port)"
 DRIVE=tests/data/css-drive-aarhus-2021-07-26-am.ndjson
 FLEETPIPE_DATA_DIR="$WORK/data" FLEETPIPE_GATEWAY_LISTEN="127.0.0.1:$GW" FLEETPIPE_HTTP_ADDR="127.0.0.1:$HTTP" \
-  RUST_LOG="${LOG:-warn}" "$BIN/fleetpipe" run 2> "$WORK/fleetpipe.log" & PIDS+=("$!")
+  RUST_LOG="${LOG:-warn}" "$FLEETPIPE" run 2> "$WORK/fleetpipe.log" & PIDS+=("$!")
 wait_ready "http://127.0.0.1:$HTTP"
 for i in $(seq 1 "$RUNS"); do
   start=$(date +%s.%N)
   mosquitto_pub -p "$GW" -q 1 -t "vehicles/X$i/location" -l < "$DRIVE" 2>/dev/null || true
-  "$BIN/fleetpipe" replay "$DRIVE" --target "mqtt://127.0.0.1:$GW" > "$WORK/replay.out" 2> "$WORK/replay.err" || true
+  "$FLEETPIPE" replay "$DRIVE" --target "mqtt://127.0.0.1:$GW" > "$WORK/replay.out" 2> "$WORK/replay.err" || true
   end=$(date +%s.%N)
   printf 'run %2d  %7.2f s  %s\n' "$i" "$(echo "$end - $start" | bc)" "$(tail -1 "$WORK/replay.out" "$WORK/replay.err" | grep -v '^==' | tr '\n' ' ')"
 done

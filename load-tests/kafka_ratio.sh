@@ -32,11 +32,13 @@ BROKERS="127.0.0.1:$PORT"
 "$BIN/fleetpipe-load" kafka-produce --brokers "$BROKERS" --frames "$FRAMES" --vehicles "$VEHICLES"
 
 peak_rss=0
+: > "$WORK/cpu"
 printf '%-6s %14s %16s %8s %18s %8s\n' round "bare (rec/s)" "durable (fr/s)" ratio "parquet (fr/s)" ratio
 bare_rates=(); fp_rates=(); pq_rates=()
 for round in $(seq 1 "$ROUNDS"); do
   start=$(now)
-  end=$("$BIN/fleetpipe-load" kafka-consume --brokers "$BROKERS" --count "$FRAMES" | awk '/^end/{print $2}')
+  end=$(cpu_run "$WORK/consume.cpu" "$BIN/fleetpipe-load" kafka-consume --brokers "$BROKERS" --count "$FRAMES" | awk '/^end/{print $2}')
+  read -r _ _ _ bu _ bs _ < "$WORK/consume.cpu"
   bare=$(python3 -c "print($FRAMES / ($end - $start))")
 
   HTTP_PORT="$(free_port)"
@@ -55,13 +57,16 @@ clean_topic = ""
 dlq_topic = ""
 CONF
   start=$(now)
-  RUST_LOG=warn "$BIN/fleetpipe" run --config "$WORK/fleetpipe.toml" > "$WORK/fleetpipe.$round.log" 2>&1 & fp=$!
+  RUST_LOG=warn "$FLEETPIPE" run --config "$WORK/fleetpipe.toml" > "$WORK/fleetpipe.$round.log" 2>&1 & fp=$!
   wait_port "$HTTP_PORT"
+  # Its CPU from its start (subscribing and consuming begin at once).
   durable=$("$BIN/fleetpipe-load" wait-metric --url "http://127.0.0.1:$HTTP_PORT/metrics" \
     --name 'fleetpipe_frames_written_total{sink="wal"}' --value "$FRAMES" | awk '/^end/{print $2}')
   rss=$(awk '/VmHWM/{print $2}' "/proc/$fp/status")
   parquet=$("$BIN/fleetpipe-load" wait-metric --url "http://127.0.0.1:$HTTP_PORT/metrics" \
     --name 'fleetpipe_frames_written_total{sink="parquet"}' --value "$FRAMES" | awk '/^end/{print $2}')
+  read -r fu fs < <(cpu_of "$fp")
+  echo "kafka $bu $bs $fu $fs" >> "$WORK/cpu"
   kill -TERM "$fp"; wait "$fp" || true
   fpr=$(python3 -c "print($FRAMES / ($durable - $start))")
   pqr=$(python3 -c "print($FRAMES / ($parquet - $start))")
@@ -74,3 +79,5 @@ median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print a[int((NR+1)
 b=$(median "${bare_rates[@]}"); f=$(median "${fp_rates[@]}"); q=$(median "${pq_rates[@]}")
 printf '%-6s %14.0f %16.0f %8.2f %18.0f %8.2f\n' median "$b" "$f" "$(python3 -c "print($f/$b)")" "$q" "$(python3 -c "print($q/$b)")"
 echo "fleetpipe peak RSS: $((peak_rss / 1024)) MiB"
+echo
+cpu_table "$WORK/cpu" "$FRAMES" "bare rdkafka consumer (fleetpipe-load kafka-consume)"

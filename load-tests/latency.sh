@@ -22,7 +22,7 @@ start_mosquitto "${ON_LOAD[@]}"
 HTTP_PORT="$(free_port)"
 FLEETPIPE_MQTT_URL="mqtt://127.0.0.1:$MQTT_PORT" FLEETPIPE_MQTT_CLIENT_ID="fleetpipe-latency-$$" \
   FLEETPIPE_HTTP_ADDR="127.0.0.1:$HTTP_PORT" FLEETPIPE_DATA_DIR="$WORK/data" RUST_LOG=warn \
-  "${ON_FP[@]}" "$BIN/fleetpipe" run > "$WORK/fleetpipe.log" 2>&1 & fp=$!
+  "${ON_FP[@]}" "$FLEETPIPE" run > "$WORK/fleetpipe.log" 2>&1 & fp=$!
 PIDS+=($fp)
 wait_ready "http://127.0.0.1:$HTTP_PORT" || true
 "${ON_LOAD[@]}" "$BIN/fleetpipe-load" latency --port "$MQTT_PORT" --http "http://127.0.0.1:$HTTP_PORT" \

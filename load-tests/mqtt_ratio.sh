@@ -26,19 +26,21 @@ setup_work
 
 start_mosquitto
 
-# Prints elapsed seconds of a bare-subscriber run.
+# Prints "elapsed_seconds user system" of a bare-subscriber run (its CPU seconds).
 bare() {
   local qos=$1 ready="$WORK/ready.$1"
   rm -f "$ready"
-  "$BIN/fleetpipe-load" subscribe --port "$MQTT_PORT" --count "$FRAMES" --qos "$qos" --ready-file "$ready" > "$WORK/sub.out" & local sub=$!
+  cpu_run "$WORK/sub.cpu" "$BIN/fleetpipe-load" subscribe --port "$MQTT_PORT" --count "$FRAMES" --qos "$qos" --ready-file "$ready" > "$WORK/sub.out" & local sub=$!
   for _ in $(seq 1 500); do [ -f "$ready" ] && break; sleep 0.01; done
   local start; start=$("$BIN/fleetpipe-load" publish --port "$MQTT_PORT" --frames "$FRAMES" --vehicles "$VEHICLES" --qos "$qos" | awk '/^start/{print $2}')
   wait "$sub"
   local end; end=$(awk '/^end/{print $2}' "$WORK/sub.out")
-  python3 -c "print(f'{$end - $start:.3f}')"
+  read -r _ _ _ user _ sys _ < "$WORK/sub.cpu"
+  echo "$(python3 -c "print(f'{$end - $start:.3f}')") $user $sys"
 }
 
-# Prints "durable_seconds parquet_seconds peak_rss_mib" of a fleetpipe run.
+# Prints "durable_seconds parquet_seconds peak_rss_mib user system" of a fleetpipe run (its CPU
+# seconds from the first frame published until every frame is in Parquet).
 fleet() {
   local qos=$1 round=$2 http; http="$(free_port)"
   # A fresh data directory and session per run: the same frames again would (rightly) be
@@ -55,29 +57,32 @@ qos = $qos
 [parquet]
 roll_secs = 1.0
 CONF
-  RUST_LOG=warn "$BIN/fleetpipe" run --config "$WORK/fleetpipe.$qos.toml" & local fp=$!
+  RUST_LOG=warn "$FLEETPIPE" run --config "$WORK/fleetpipe.$qos.toml" & local fp=$!
   PIDS+=($fp)
   wait_ready "http://127.0.0.1:$http" || true
+  local u0 s0; read -r u0 s0 < <(cpu_of "$fp")
   "$BIN/fleetpipe-load" publish --port "$MQTT_PORT" --frames "$FRAMES" --vehicles "$VEHICLES" --qos "$qos" > "$WORK/pub.$qos.out" &
   local pub=$!
   local wait=("$BIN/fleetpipe-load" wait-metric --timeout 300 --url "http://127.0.0.1:$http/metrics")
   local durable; durable=$("${wait[@]}" --name 'fleetpipe_frames_written_total{sink="wal"}' --value "$FRAMES" | awk '/^end/{print $2}')
   local parquet; parquet=$("${wait[@]}" --name 'fleetpipe_frames_written_total{sink="parquet"}' --value "$FRAMES" | awk '/^end/{print $2}')
+  local u1 s1; read -r u1 s1 < <(cpu_of "$fp")
   wait "$pub"
   local start; start=$(awk '/^start/{print $2}' "$WORK/pub.$qos.out")
   local rss; rss=$(awk '/VmHWM/{printf "%.0f", $2/1024}' "/proc/$fp/status")
   kill -TERM "$fp"; wait "$fp" || true
-  python3 -c "print(f'{$durable - $start:.3f} {$parquet - $start:.3f} $rss')"
+  python3 -c "print(f'{$durable - $start:.3f} {$parquet - $start:.3f} $rss {$u1 - $u0:.3f} {$s1 - $s0:.3f}')"
 }
 
 printf '\nfleetpipe MQTT end to end: %s frames, %s vehicles, %s rounds, %s, %s cores\n' "$FRAMES" "$VEHICLES" "$ROUNDS" "$(date -u +%Y-%m-%dT%H:%MZ)" "$(nproc)"
 printf '%-8s %-6s %14s %18s %18s %8s %8s %9s\n' round qos 'bare frames/s' 'durable frames/s' 'parquet frames/s' ratio ratio_pq 'rss MiB'
-: > "$WORK/rows"
+: > "$WORK/rows"; : > "$WORK/cpu"
 for round in $(seq 1 "$ROUNDS"); do
   for qos in 0 1; do
-    b=$(bare "$qos")
-    read -r d p rss < <(fleet "$qos" "$round")
+    read -r b bu bs < <(bare "$qos")
+    read -r d p rss fu fs < <(fleet "$qos" "$round")
     echo "$round $qos $b $d $p $rss" >> "$WORK/rows"
+    echo "qos$qos $bu $bs $fu $fs" >> "$WORK/cpu"
     python3 - "$round" "$qos" "$b" "$d" "$p" "$rss" "$FRAMES" <<'PY'
 import sys
 r, qos, b, d, p, rss, n = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6], int(sys.argv[7])
@@ -97,3 +102,5 @@ for qos in ("0", "1"):
     rss = max(int(r[5]) for r in rs)
     print(f"{'median':<8} {qos:<6} {b:14.0f} {d:18.0f} {p:18.0f} {ratio:8.2f} {ratio_pq:8.2f} {rss:>9}")
 PY
+echo
+cpu_table "$WORK/cpu" "$FRAMES" "bare subscriber (fleetpipe-load subscribe)"

@@ -63,7 +63,7 @@ schema = "$SCHEMA"
 url = "$REDIS"
 prefix = "$PREFIX"
 CONF
-  "$BIN/fleetpipe" run --config "$WORK/fleetpipe.toml" > "$WORK/fleetpipe.$1.log" 2>&1 & PID=$!
+  "$FLEETPIPE" run --config "$WORK/fleetpipe.toml" > "$WORK/fleetpipe.$1.log" 2>&1 & PID=$!
   wait_ready "$URL" && return 0
   echo "fleetpipe did not become ready" >&2; cat "$WORK/fleetpipe.$1.log" >&2; return 1
 }

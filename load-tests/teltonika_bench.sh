@@ -42,7 +42,7 @@ mode = "none"
 [parquet]
 roll_secs = 1.0
 CONF
-  RUST_LOG=warn "$BIN/fleetpipe" run --config "$WORK/fleetpipe.toml" 2>> "$WORK/fleetpipe.log" & FP=$!
+  RUST_LOG=warn "$FLEETPIPE" run --config "$WORK/fleetpipe.toml" 2>> "$WORK/fleetpipe.log" & FP=$!
   PIDS+=("$FP")
   HTTP_URL="http://127.0.0.1:$http"
   wait_ready "$HTTP_URL"

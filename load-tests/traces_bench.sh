@@ -55,9 +55,9 @@ CONF
   if [ "$1" = on ]; then
     OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$OTLP_PORT" OTEL_TRACES_SAMPLER=parentbased_traceidratio \
       OTEL_TRACES_SAMPLER_ARG=0.01 OTEL_BSP_SCHEDULE_DELAY=500 \
-      RUST_LOG=warn "$BIN/fleetpipe" run --config "$WORK/fleetpipe.toml" 2>> "$WORK/fleetpipe.log" & FP=$!
+      RUST_LOG=warn "$FLEETPIPE" run --config "$WORK/fleetpipe.toml" 2>> "$WORK/fleetpipe.log" & FP=$!
   else
-    RUST_LOG=warn "$BIN/fleetpipe" run --config "$WORK/fleetpipe.toml" 2>> "$WORK/fleetpipe.log" & FP=$!
+    RUST_LOG=warn "$FLEETPIPE" run --config "$WORK/fleetpipe.toml" 2>> "$WORK/fleetpipe.log" & FP=$!
   fi
   PIDS+=("$FP")
   wait_ready "http://127.0.0.1:$http"

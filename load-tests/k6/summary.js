@@ -16,6 +16,7 @@ export function summarize(data, name, framesPerRequest) {
     script: name,
     requests: reqs.count,
     requests_per_s: reqs.rate,
+    frames: reqs.count * framesPerRequest,
     frames_per_s: reqs.rate * framesPerRequest,
     failed_rate: failed,
     p50_ms: dur.med, p95_ms: dur['p(95)'], p99_ms: dur['p(99)'], max_ms: dur.max,

@@ -306,8 +306,23 @@ fn location_batch(frames: &[Frame]) -> anyhow::Result<arrow::record_batch::Recor
     Ok(arrow::record_batch::RecordBatch::try_new(fleetpipe_sinks::parquet::location_schema(), columns)?)
 }
 
+/// Bytes of every `.parquet` file under `dir`.
+fn parquet_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            total += parquet_bytes(&e.path())?;
+        } else if e.path().extension().is_some_and(|x| x == "parquet") {
+            total += e.metadata()?.len();
+        }
+    }
+    Ok(total)
+}
+
 /// The Parquet sink against the parquet crate alone writing the same rows (same schema, ZSTD 3,
-/// 128 Ki-row row groups, batches of 8,192 frames, one file, fsync'd), in rounds.
+/// 128 Ki-row row groups, the crate's other defaults, batches of 8,192 frames, one file,
+/// fsync'd), in rounds; and the bytes per row of each.
 pub(crate) fn parquet_bench(rows: u64, rounds: usize) -> anyhow::Result<()> {
     use parquet::arrow::ArrowWriter;
     use parquet::basic::{Compression, ZstdLevel};
@@ -351,7 +366,14 @@ pub(crate) fn parquet_bench(rows: u64, rounds: usize) -> anyhow::Result<()> {
         if sink.durable_lsn() != batches.len() as u64 {
             bail!("the sink did not commit every batch");
         }
-        println!("round {round}: parquet crate alone {limit:.0} rows/s, parquet sink {ours:.0} rows/s, ratio {:.2}", ours / limit);
+        let (limit_bytes, sink_bytes) =
+            (std::fs::metadata(&path)?.len(), parquet_bytes(&dir.path().join("sink"))?);
+        println!(
+            "round {round}: parquet crate alone {limit:.0} rows/s, parquet sink {ours:.0} rows/s, ratio {:.2}; bytes per row {:.1} alone, {:.1} sink",
+            ours / limit,
+            limit_bytes as f64 / rows as f64,
+            sink_bytes as f64 / rows as f64
+        );
         ratios.push(ours / limit);
     }
     println!("parquet: {rows} rows, median ratio of the rounds {:.2}", median(ratios));
