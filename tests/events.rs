@@ -63,6 +63,16 @@ async fn the_recorded_drive_is_one_trip_over_http_and_in_parquet_and_stays_one_a
     let lines: Vec<String> = DRIVE.lines().map(str::to_owned).collect();
     send(running.http_addr, &lines).await;
 
+    // While the drive's last frames wait out the lateness bound, its trip is under way.
+    let open = wait_for("the trip under way over HTTP", Duration::from_secs(30), || {
+        let (status, body) =
+            block_on(http_get(running.http_addr, &format!("/v1/vehicles/{VEHICLE}/trips?include=open")));
+        assert_eq!(status, 200, "{body}");
+        body["trips"].as_array().unwrap().first().cloned()
+    })
+    .await;
+    assert_eq!(open["open"], true, "{open}");
+
     let trip = one_trip(running.http_addr).await;
     let streamed = tokio::task::spawn_blocking(move || {
         sse.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -99,6 +109,8 @@ async fn the_recorded_drive_is_one_trip_over_http_and_in_parquet_and_stays_one_a
         "{distance} m along the fixes, {odometer} m on the odometer"
     );
     assert_eq!(trip["by"], "motion");
+    assert_eq!((&open["trip_id"], &open["start"]), (&trip["trip_id"], &trip["start"]));
+    assert!(open["end"]["ts"].as_str().unwrap() <= trip["end"]["ts"].as_str().unwrap());
 
     let (_, events) = http_get(running.http_addr, &format!("/v1/vehicles/{VEHICLE}/events")).await;
     let types: Vec<&str> =

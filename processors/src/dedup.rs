@@ -54,6 +54,10 @@ fn fingerprint(f: &Frame) -> u128 {
     (u128::from(hi) << 64) | u128::from(lo)
 }
 
+/// How much of the window is allocated up front (16 bytes a fingerprint in each of the two
+/// collections; the hash set's control bytes, one per slot, are all that is touched at once).
+const PRESIZE: usize = 1 << 20;
+
 /// Per-shard duplicate filter over the last `capacity` frames.
 pub struct Dedup {
     capacity: usize,
@@ -65,7 +69,15 @@ pub struct Dedup {
 impl Dedup {
     /// `capacity`: how many recent frames are remembered (at least 1).
     pub fn new(capacity: usize) -> Self {
-        Dedup { capacity: capacity.max(1), order: VecDeque::new(), seen: HashSet::default() }
+        // Room made once, up to a bound (a fresh window would otherwise rehash its way up while
+        // the first frames flow); a larger window grows from there.
+        let capacity = capacity.max(1);
+        let room = capacity.min(PRESIZE);
+        Dedup {
+            capacity,
+            order: VecDeque::with_capacity(room),
+            seen: HashSet::with_capacity_and_hasher(room, BuildHasherDefault::default()),
+        }
     }
 
     /// Drops the frames already seen (in the window or earlier in this batch), keeping order.

@@ -161,7 +161,8 @@ impl LatestCache {
     pub fn apply(&self, frames: &[Frame]) -> usize {
         let now = secs(frames.iter().map(|f| f.received_at).max().unwrap_or(0));
         // Newest location and diagnostic per vehicle within the batch.
-        let mut newest: HashMap<&str, [Option<&Frame>; 2]> = HashMap::new();
+        let mut newest: foldhash::HashMap<&str, [Option<&Frame>; 2]> =
+            HashMap::with_capacity_and_hasher(frames.len().min(1 << 16), Default::default());
         for f in frames.iter().filter(|f| !crate::validate::is_clock_ahead(f, self.max_ahead_us)) {
             let slot = &mut newest.entry(f.vehicle_id.as_str()).or_default()[f.kind() as usize];
             if is_newer(f, *slot) {

@@ -334,6 +334,14 @@ fn frames_of_both_kinds_across_two_hours_and_a_date_boundary_read_back_exactly()
     let logical = format!("{:?}", ts.logical_type_ref());
     assert!(logical.contains("is_adjusted_to_u_t_c: true"), "{logical}");
     assert!(logical.contains("MICROS"), "{logical}");
+
+    // A dictionary only where values repeat (vehicle ids, satellites); positions and times plain.
+    let rg = meta.row_group(0);
+    let dictionary: Vec<(String, bool)> = (0..rg.num_columns())
+        .map(|i| (rg.column(i).column_path().string(), rg.column(i).dictionary_page_offset().is_some()))
+        .collect();
+    let with: Vec<&str> = dictionary.iter().filter(|(_, d)| *d).map(|(c, _)| c.as_str()).collect();
+    assert_eq!(with, ["vehicle_id", "satellites"], "{dictionary:?}");
 }
 
 #[test]

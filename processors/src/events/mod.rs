@@ -15,7 +15,10 @@
 pub mod geofence;
 mod json;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+/// Vehicles by id, with a fast hasher seeded at random per process.
+type ByVehicle<V> = foldhash::HashMap<String, V>;
 
 use serde::{Deserialize, Serialize};
 
@@ -294,19 +297,19 @@ struct Vehicle {
 #[derive(Debug)]
 pub struct Engine {
     rules: EventRules,
-    vehicles: HashMap<String, Vehicle>,
+    vehicles: ByVehicle<Vehicle>,
     late: u64,
 }
 
 /// The serialisable part of an [`Engine`].
 #[derive(Debug, Serialize, Deserialize)]
 struct State {
-    vehicles: HashMap<String, Vehicle>,
+    vehicles: ByVehicle<Vehicle>,
 }
 
 impl Engine {
     pub fn new(rules: EventRules) -> Engine {
-        Engine { rules, vehicles: HashMap::new(), late: 0 }
+        Engine { rules, vehicles: ByVehicle::default(), late: 0 }
     }
 
     /// The state as bytes (JSON), for the runner's checkpoint.
@@ -348,11 +351,14 @@ impl Engine {
     /// Takes one frame; appends what it makes known to `out`.
     pub fn push(&mut self, frame: &Frame, out: &mut Vec<Event>) {
         let rules = &self.rules;
-        let v = self.vehicles.entry(frame.vehicle_id.clone()).or_insert_with(|| Vehicle {
-            fences: vec![Fence::default(); rules.geofences.len()],
-            ..Vehicle::default()
-        });
         let vid = frame.vehicle_id.as_str();
+        // Looked up before inserting: the id is copied once per vehicle, not once per frame.
+        if !self.vehicles.contains_key(vid) {
+            let fresh =
+                Vehicle { fences: vec![Fence::default(); rules.geofences.len()], ..Vehicle::default() };
+            self.vehicles.insert(vid.to_owned(), fresh);
+        }
+        let Some(v) = self.vehicles.get_mut(vid) else { return };
         if v.offline {
             v.offline = false;
             out.push(Event {
@@ -433,7 +439,7 @@ impl Engine {
 
 #[derive(Serialize)]
 struct StateRef<'a> {
-    vehicles: &'a HashMap<String, Vehicle>,
+    vehicles: &'a ByVehicle<Vehicle>,
 }
 
 fn slim(frame: &Frame) -> Slim {

@@ -14,7 +14,7 @@ pub mod files;
 pub mod kafka;
 pub mod postgres;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use fleetpipe_pipeline::event_store::EventStore;
@@ -56,7 +56,28 @@ pub struct EventsSink {
     pending: Vec<Event>,
     out: Vec<Event>,
     last_commit: Instant,
+    /// Vehicles whose trip under way changed since the store last heard of it.
+    dirty: foldhash::HashSet<String>,
+    last_refresh: Instant,
+    /// When the engine last looked at every vehicle (lateness, gaps, offline), and how long
+    /// to wait before the next look.
+    last_sweep: Instant,
+    sweep_every: Duration,
+    /// How long to wait between commits: `commit_every`, or longer when the state is large.
+    commit_gap: Duration,
 }
+
+/// The engine's sweep over every vehicle (buffered frames past the lateness bound, gaps,
+/// vehicles gone offline) runs at most this often, and takes at most a twentieth of the
+/// sink's time: at a million vehicles a sweep costs tens of milliseconds, which after every
+/// batch would cost more than the batch.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+/// A sweep or a snapshot of the state may take at most 1/`PACE` of the time between two.
+const PACE: u32 = 20;
+
+/// How stale the store's trip under way may get under load: it is rebuilt (as JSON) at most this
+/// often per vehicle instead of after every batch that moved the vehicle.
+const OPEN_TRIP_REFRESH: Duration = Duration::from_millis(100);
 
 impl std::fmt::Debug for EventsSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -115,6 +136,11 @@ impl EventsSink {
             pending: Vec::new(),
             out: Vec::new(),
             last_commit: Instant::now(),
+            dirty: foldhash::HashSet::default(),
+            last_refresh: Instant::now(),
+            last_sweep: Instant::now(),
+            sweep_every: SWEEP_EVERY,
+            commit_gap: cfg.commit_every,
         })
     }
 
@@ -144,7 +170,18 @@ impl EventsSink {
             for (kind, n) in counts {
                 metrics::counter!("fleetpipe_events_total", "type" => kind).increment(n);
             }
-            metrics::gauge!("fleetpipe_trips_open").set(self.engine.open_trips() as f64);
+        }
+    }
+
+    /// Tells the store the trip under way of every vehicle moved since the last refresh.
+    fn refresh_open_trips(&mut self) {
+        self.last_refresh = Instant::now();
+        let Some(store) = &self.store else {
+            self.dirty.clear();
+            return;
+        };
+        for vid in self.dirty.drain() {
+            store.set_open_trip(&vid, self.engine.open_trip(&vid).map(|t| trip_json(&t)));
         }
     }
 
@@ -152,11 +189,15 @@ impl EventsSink {
         if self.seen == self.durable && self.pending.is_empty() {
             return Ok(());
         }
+        let started = Instant::now();
         let state = self.engine.snapshot();
         self.output.commit(self.seen, &self.pending, &state)?;
         self.durable = self.seen;
         self.pending.clear();
         self.last_commit = Instant::now();
+        // The state is a snapshot of every vehicle: a large fleet commits less often, so that
+        // committing stays a small share of the sink's time.
+        self.commit_gap = self.commit_every.max(started.elapsed() * PACE);
         Ok(())
     }
 }
@@ -171,15 +212,16 @@ impl Sink for EventsSink {
     }
 
     fn write(&mut self, batch: &Batch) -> std::result::Result<(), SinkError> {
-        let mut touched: HashSet<&str> = HashSet::new();
         for f in &batch.frames {
             self.engine.push(f, &mut self.out);
-            touched.insert(&f.vehicle_id);
-        }
-        if let Some(store) = &self.store {
-            for vid in touched {
-                store.set_open_trip(vid, self.engine.open_trip(vid).map(|t| trip_json(&t)));
+            if self.store.is_some() && !self.dirty.contains(f.vehicle_id.as_str()) {
+                self.dirty.insert(f.vehicle_id.clone());
             }
+        }
+        if self.last_refresh.elapsed() >= OPEN_TRIP_REFRESH {
+            self.refresh_open_trips();
+        }
+        if self.store.is_some() {
             let late = self.engine.take_late();
             if late > 0 {
                 metrics::counter!("fleetpipe_frames_late_for_events_total").increment(late);
@@ -191,15 +233,26 @@ impl Sink for EventsSink {
     }
 
     fn tick(&mut self, _now: Instant) -> std::result::Result<(), SinkError> {
-        self.engine.tick(fleetpipe_pipeline::now_micros(), &mut self.out);
-        self.take_out();
-        if self.last_commit.elapsed() >= self.commit_every {
+        if self.last_sweep.elapsed() >= self.sweep_every {
+            let started = Instant::now();
+            self.refresh_open_trips();
+            self.engine.tick(fleetpipe_pipeline::now_micros(), &mut self.out);
+            self.take_out();
+            if self.store.is_some() {
+                // A count over every vehicle: once a sweep, not once a batch.
+                metrics::gauge!("fleetpipe_trips_open").set(self.engine.open_trips() as f64);
+            }
+            self.last_sweep = Instant::now();
+            self.sweep_every = SWEEP_EVERY.max(started.elapsed() * PACE);
+        }
+        if self.last_commit.elapsed() >= self.commit_gap {
             self.commit()?;
         }
         Ok(())
     }
 
     fn flush(&mut self) -> std::result::Result<(), SinkError> {
+        self.refresh_open_trips();
         Ok(self.commit()?)
     }
 }
