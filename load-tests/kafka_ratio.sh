@@ -46,7 +46,7 @@ for round in $(seq 1 "$ROUNDS"); do
 data_dir = "$WORK/data.$round"
 [http]
 addr = "127.0.0.1:$HTTP_PORT"
-[mqtt]
+[gateway]
 listen = "127.0.0.1:$(free_port)"
 [parquet]
 roll_secs = 1.0

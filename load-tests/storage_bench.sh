@@ -54,7 +54,7 @@ start_fleetpipe() {
 data_dir = "$dir"
 [http]
 addr = "127.0.0.1:$HTTP_PORT"
-[mqtt]
+[gateway]
 listen = "127.0.0.1:$(free_port)"
 [postgres]
 url = "$PG"
