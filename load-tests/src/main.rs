@@ -318,7 +318,7 @@ async fn publish(host: String, port: u16, frames: u64, vehicles: u64, q: u8) -> 
     let (client, mut el) = rumqttc::AsyncClient::new(o, 10_000);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let expect = if q == 0 { 0 } else { frames };
-    tokio::spawn(async move {
+    let event_loop = tokio::spawn(async move {
         let mut acked = 0u64;
         let mut done_tx = Some(done_tx);
         if expect == 0 {
@@ -336,6 +336,8 @@ async fn publish(host: String, port: u16, frames: u64, vehicles: u64, q: u8) -> 
                         }
                     }
                 }
+                // Written and flushed behind every frame before it: the run is on the wire.
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                 Ok(_) => {}
                 Err(rumqttc::ConnectionError::RequestsDone) => return,
                 // After the last ack the connection's end is expected, not worth a line.
@@ -355,8 +357,13 @@ async fn publish(host: String, port: u16, frames: u64, vehicles: u64, q: u8) -> 
     done_rx.await.context("publisher loop ended")?;
     let end = now();
     println!("published {frames} in {:.3} s ({:.0}/s)", end - start, frames as f64 / (end - start));
+    // The DISCONNECT queues behind every PUBLISH still in the client's request channel (up to
+    // 10,000 at QoS 0, where nothing is acknowledged): the frames are on the wire only once the
+    // event loop has written it and ended. Exiting earlier lost the tail of a QoS 0 run.
     client.disconnect().await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    if tokio::time::timeout(Duration::from_secs(60), event_loop).await.is_err() {
+        bail!("publisher: the connection did not close within 60 s of the last frame");
+    }
     Ok(())
 }
 
@@ -380,8 +387,15 @@ async fn subscribe(
     };
     client.subscribe("vehicles/+/+", sub_qos).await?;
     let mut n = 0u64;
+    // A frame that never comes (a publisher or broker that lost it) ends the run with an error
+    // once nothing has arrived for this long, instead of a wait without end.
+    let idle = Duration::from_secs(60);
+    let mut last = tokio::time::Instant::now();
     loop {
-        match el.poll().await {
+        let Ok(event) = tokio::time::timeout(idle.saturating_sub(last.elapsed()), el.poll()).await else {
+            bail!("subscriber: {n} of {count} messages, then none for {} s", idle.as_secs());
+        };
+        match event {
             Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::SubAck(_))) => {
                 if let Some(p) = &ready {
                     std::fs::write(p, b"ready")?;
@@ -389,6 +403,7 @@ async fn subscribe(
             }
             Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(_))) => {
                 n += 1;
+                last = tokio::time::Instant::now();
                 if n == count {
                     println!("end {:.6}", now());
                     return Ok(());

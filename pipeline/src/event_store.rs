@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use fleetpipe_processors::events::{trip_json, Trip};
 use fleetpipe_processors::Micros;
 use serde_json::Value;
 
@@ -23,7 +24,9 @@ struct Item {
 struct VehicleLog {
     events: VecDeque<Item>,
     trips: VecDeque<Item>,
-    open: Option<Arc<Value>>,
+    /// The trip under way, as the engine has it (a JSON value is several times its size, and
+    /// every vehicle of a moving fleet has one): rendered when read.
+    open: Option<Box<Trip>>,
 }
 
 /// How many of the newest events and trips [`EventStore::recent`] keeps.
@@ -43,10 +46,11 @@ impl Recent {
     }
 }
 
-/// The shared store (cheap to clone).
+/// The shared store (cheap to clone). Per vehicle the map holds its id and a box, so that its
+/// table (sized up to twice the fleet) holds 32 bytes a slot, not a whole log.
 #[derive(Clone)]
 pub struct EventStore {
-    inner: Arc<Mutex<HashMap<String, VehicleLog>>>,
+    inner: Arc<Mutex<HashMap<String, Box<VehicleLog>>>>,
     /// The newest events and completed trips of every vehicle, newest first (the console's).
     recent: Arc<Mutex<Recent>>,
     stream: tokio::sync::broadcast::Sender<Arc<Value>>,
@@ -84,7 +88,7 @@ impl EventStore {
         }
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, VehicleLog>) -> R) -> R {
+    fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, Box<VehicleLog>>) -> R) -> R {
         f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
@@ -117,7 +121,7 @@ impl EventStore {
         let max = self.max_per_vehicle;
         let new = self.with(|m| {
             let log = m.entry(vehicle_id.to_owned()).or_default();
-            if log.open.as_ref().is_some_and(|o| o["trip_id"].as_str() == Some(trip_id)) {
+            if log.open.as_ref().is_some_and(|o| o.trip_id == trip_id) {
                 log.open = None;
             }
             insert(&mut log.trips, item, max)
@@ -128,9 +132,15 @@ impl EventStore {
     }
 
     /// The vehicle's trip under way (`None`: none).
-    pub fn set_open_trip(&self, vehicle_id: &str, trip: Option<Value>) {
+    pub fn set_open_trip(&self, vehicle_id: &str, trip: Option<Trip>) {
         self.with(|m| match trip {
-            Some(t) => m.entry(vehicle_id.to_owned()).or_default().open = Some(Arc::new(t)),
+            Some(t) => match m.get_mut(vehicle_id) {
+                Some(log) => log.open = Some(Box::new(t)),
+                None => {
+                    let log = VehicleLog { open: Some(Box::new(t)), ..VehicleLog::default() };
+                    m.insert(vehicle_id.to_owned(), Box::new(log));
+                }
+            },
             None => {
                 if let Some(log) = m.get_mut(vehicle_id) {
                     log.open = None;
@@ -180,7 +190,7 @@ impl EventStore {
                     .map(|i| Arc::clone(&i.json))
                     .collect();
                 if include_open {
-                    out.extend(log.open.iter().cloned());
+                    out.extend(log.open.iter().map(|t| Arc::new(trip_json(t))));
                 }
                 out
             })
@@ -223,8 +233,33 @@ mod tests {
         let streamed: Vec<Value> =
             std::iter::from_fn(|| rx.try_recv().ok()).map(|v| v["event_id"].clone()).collect();
         assert_eq!(streamed, [json!("c"), json!("a"), json!("b"), json!("d")]);
-        store.set_open_trip("V", Some(json!({"trip_id": "t1", "open": true})));
-        assert_eq!(store.trips("V", 0, 100, true, 10).len(), 1);
+        let p = fleetpipe_processors::events::Point { ts: 5, lat: 56.0, lon: 10.0 };
+        let open = Trip {
+            trip_id: "t1".into(),
+            vehicle_id: "V".into(),
+            start: p,
+            end: p,
+            distance_m: 0.0,
+            moving_us: 0,
+            max_speed_kmh: None,
+            odometer_start_m: None,
+            odometer_end_m: None,
+            fuel_start_pct: None,
+            fuel_end_pct: None,
+            soc_start_pct: None,
+            soc_end_pct: None,
+            dtcs: Vec::new(),
+            by_ignition: false,
+            open: true,
+        };
+        store.set_open_trip("V", Some(open));
+        let trips = store.trips("V", 0, 100, true, 10);
+        assert_eq!(trips.len(), 1);
+        assert_eq!(
+            (&trips[0]["trip_id"], &trips[0]["open"]),
+            (&json!("t1"), &json!(true)),
+            "rendered as JSON"
+        );
         store.record_trip("V", 5, "t1", json!({"trip_id": "t1"}));
         let trips = store.trips("V", 0, 100, true, 10);
         assert_eq!(trips.len(), 1, "the completed trip replaces the open one");

@@ -416,9 +416,32 @@ fn ids_are_functions_of_the_frames() {
 }
 
 #[test]
+fn the_reorder_buffer_keeps_key_order_replaces_a_redelivery_and_grows_from_one_slot() {
+    let at = |received_at| Pending {
+        received_at,
+        slim: Slim::Diag { fuel: None, soc: None, odometer: None, dtcs: None },
+    };
+    let mut b = Reorder::default();
+    b.insert((30, 0, 3), at(1));
+    assert_eq!(b.0.capacity(), 1, "a vehicle holding one frame holds one slot");
+    b.insert((10, 0, 1), at(2));
+    b.insert((20, 1, 2), at(3));
+    b.insert((20, 0, 2), at(4));
+    b.insert((10, 0, 1), at(5));
+    b.insert((40, 0, 4), at(6));
+    let keys: Vec<(Key, Micros)> = b.0.iter().map(|(k, p)| (*k, p.received_at)).collect();
+    assert_eq!(keys, [((10, 0, 1), 5), ((20, 0, 2), 4), ((20, 1, 2), 3), ((30, 0, 3), 1), ((40, 0, 4), 6)]);
+    let json = serde_json::to_string(&b).unwrap();
+    let back: Reorder = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, b, "the snapshot's list of pairs, oldest first");
+    assert_eq!(b.pop_first().map(|(k, _)| k), Some((10, 0, 1)));
+    assert_eq!((b.len(), b.first_key(), b.first_received()), (4, Some((20, 0, 2)), Some(4)));
+}
+
+#[test]
 fn a_tracked_vehicle_holds_a_few_hundred_bytes_beside_its_reorder_buffer() {
     // The state of a vehicle: its entry (the struct, its map slot and id), an open trip, and
-    // per buffered frame a B-tree slot of key and what the engine keeps of it.
+    // per buffered frame a slot of key and what the engine keeps of it.
     let vehicle = std::mem::size_of::<Vehicle>() + std::mem::size_of::<String>() + 16;
     let trip = std::mem::size_of::<OpenTrip>();
     let per_frame = std::mem::size_of::<(Key, Pending)>();

@@ -27,7 +27,7 @@ use fleetpipe_processors::time::{date_string, day_of};
 use fleetpipe_processors::{Lsn, Micros};
 use serde::{Deserialize, Serialize};
 
-use super::{record_event_json, record_trip_json, EventOutput};
+use super::{record_event_json, record_trip_json, EventOutput, State};
 use crate::files::rolling::{fsync_dir, remove_quietly};
 use crate::{io_err, Error, Result};
 
@@ -212,6 +212,16 @@ fn write_json_file(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| io_err(path, e))
 }
 
+/// Streams the engine's state into `path` and fsyncs it.
+fn write_state_file(path: &Path, state: &State<'_>) -> Result<()> {
+    use std::io::Write;
+    let f = File::create(path).map_err(|e| io_err(path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    state.write_to(&mut w).and_then(|()| w.flush()).map_err(|e| io_err(path, e))?;
+    let f = w.into_inner().map_err(|e| io_err(path, e.into_error()))?;
+    f.sync_all().map_err(|e| io_err(path, e))
+}
+
 /// Opens the files under `root` (the data directory): redoes an interrupted commit, deletes
 /// what an unfinished one left, reads the state, and fills `store` from the committed files.
 pub fn open(root: &Path, store: &EventStore) -> Result<FilesOutput> {
@@ -311,7 +321,7 @@ impl EventOutput for FilesOutput {
         (self.checkpoint.lsn, self.state.take())
     }
 
-    fn commit(&mut self, lsn: Lsn, events: &[Event], state: &[u8]) -> Result<()> {
+    fn commit(&mut self, lsn: Lsn, events: &[Event], state: &State<'_>) -> Result<()> {
         let gen = self.checkpoint.generation + 1;
         let mut renames = Vec::new();
         let mut by_day: BTreeMap<i64, Vec<&Event>> = BTreeMap::new();
@@ -331,7 +341,7 @@ impl EventOutput for FilesOutput {
             renames.push(self.write_file(dir, "trips-", gen, &trips_batch(trips)?)?);
         }
         let state_name = format!("state-{gen:010}.json");
-        write_json_file(&self.control.join(&state_name), state)?;
+        write_state_file(&self.control.join(&state_name), state)?;
         let old_state = self.checkpoint.state.clone();
         let next = Checkpoint { lsn, generation: gen, state: Some(state_name), renames };
         let tmp = self.control.join("checkpoint.tmp");

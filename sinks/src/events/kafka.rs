@@ -16,7 +16,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-use super::EventOutput;
+use super::{EventOutput, State};
 use crate::files::rolling::fsync_dir;
 use crate::kafka::{Context, Deliveries};
 use crate::{io_err, Error, Result};
@@ -85,7 +85,7 @@ impl EventOutput for KafkaOutput {
         self.committed.take().unwrap_or((0, None))
     }
 
-    fn commit(&mut self, lsn: Lsn, events: &[Event], state: &[u8]) -> Result<()> {
+    fn commit(&mut self, lsn: Lsn, events: &[Event], state: &State<'_>) -> Result<()> {
         for e in events {
             let payload = event_json(e).to_string();
             let mut record =
@@ -120,10 +120,10 @@ impl EventOutput for KafkaOutput {
         if let Some(dir) = self.state_path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&lsn.to_be_bytes()).map_err(io)?;
-        f.write_all(state).map_err(io)?;
-        f.sync_all().map_err(io)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);
+        w.write_all(&lsn.to_be_bytes()).map_err(io)?;
+        state.write_to(&mut w).and_then(|()| w.flush()).map_err(io)?;
+        w.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &self.state_path).map_err(io)?;
         if let Some(dir) = self.state_path.parent() {
             fsync_dir(dir)?;

@@ -39,7 +39,22 @@ pub trait EventOutput: Send {
     /// The position and the engine's state of the last commit (taken once, at open).
     fn committed(&mut self) -> (Lsn, Option<Vec<u8>>);
     /// Makes `events` durable with the engine's `state` after the batch at `lsn`, at once.
-    fn commit(&mut self, lsn: Lsn, events: &[Event], state: &[u8]) -> Result<()>;
+    fn commit(&mut self, lsn: Lsn, events: &[Event], state: &State<'_>) -> Result<()>;
+}
+
+/// The engine's state as an output commits it: streamed into a file, or as bytes.
+pub struct State<'a>(&'a Engine);
+
+impl State<'_> {
+    /// Writes the state (JSON) to `w` as it is serialised, never all of it in memory.
+    pub fn write_to(&self, w: impl std::io::Write) -> std::io::Result<()> {
+        self.0.snapshot_to(w)
+    }
+
+    /// The state as bytes (for an output that stores it in one value).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.0.snapshot()
+    }
 }
 
 /// An engine over the log and the output it commits to.
@@ -164,7 +179,7 @@ impl EventsSink {
         }
         if let Some(store) = &self.store {
             for vid in completed {
-                store.set_open_trip(&vid, self.engine.open_trip(&vid).map(|t| trip_json(&t)));
+                store.set_open_trip(&vid, self.engine.open_trip(&vid));
             }
             // Counted once, by the sink that serves HTTP.
             for (kind, n) in counts {
@@ -181,7 +196,7 @@ impl EventsSink {
             return;
         };
         for vid in self.dirty.drain() {
-            store.set_open_trip(&vid, self.engine.open_trip(&vid).map(|t| trip_json(&t)));
+            store.set_open_trip(&vid, self.engine.open_trip(&vid));
         }
     }
 
@@ -190,8 +205,7 @@ impl EventsSink {
             return Ok(());
         }
         let started = Instant::now();
-        let state = self.engine.snapshot();
-        self.output.commit(self.seen, &self.pending, &state)?;
+        self.output.commit(self.seen, &self.pending, &State(&self.engine))?;
         self.durable = self.seen;
         self.pending.clear();
         self.last_commit = Instant::now();

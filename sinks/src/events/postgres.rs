@@ -13,7 +13,7 @@ use fleetpipe_processors::Lsn;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
-use super::EventOutput;
+use super::{EventOutput, State};
 use crate::postgres::{schema, Connector, PostgresConfig};
 use crate::{Error, Result};
 
@@ -168,8 +168,9 @@ impl EventOutput for PostgresOutput {
         self.committed.take().unwrap_or((0, None))
     }
 
-    fn commit(&mut self, lsn: Lsn, events: &[Event], state: &[u8]) -> Result<()> {
+    fn commit(&mut self, lsn: Lsn, events: &[Event], state: &State<'_>) -> Result<()> {
         self.connect()?;
+        let state = state.to_vec();
         let mut days = BTreeSet::new();
         let mut event_rows = Vec::with_capacity(events.len());
         let mut trip_rows = Vec::new();
