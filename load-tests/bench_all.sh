@@ -30,11 +30,13 @@ fi
 build_release
 SINKS_LOAD="${FLEETPIPE_LOAD_BIN:-$BIN/fleetpipe-load}"
 OUT="${BENCH_OUT:-load-tests/results/all}"
-rm -rf "$OUT"; mkdir -p "$OUT"
 PG="${FLEETPIPE_BENCH_PG:-postgres://postgres@127.0.0.1:5432/postgres}"
 SCHEMA="fp_benchall_$$"
 trap 'psql "$PG" -qAtX -c "SET client_min_messages = warning; DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null 2>&1 || true' EXIT
 
+# TABLE_ONLY=1 renders the table again from the outputs already in OUT, measuring nothing.
+if [ "${TABLE_ONLY:-0}" != 1 ]; then
+rm -rf "$OUT"; mkdir -p "$OUT"
 echo "== mqtt";     load-tests/mqtt_ratio.sh "$MQTT_FRAMES" 1000 "$ROUNDS" 2>&1 | grep -v Warning | tee "$OUT/mqtt.txt" | tail -3
 echo "== publishers"; load-tests/publishers.sh 20 "$PUB_FRAMES" "$ROUNDS" 2>&1 | tee "$OUT/publishers.txt" | tail -5
 echo "== kafka";    load-tests/kafka_ratio.sh "$KAFKA_FRAMES" 1000 "$ROUNDS" 2>&1 | tee "$OUT/kafka.txt" | tail -2
@@ -45,6 +47,8 @@ echo "== http";     load-tests/http_k6.sh "$K6_DUR" 2>&1 | tee "$OUT/http.txt" |
 half=$(awk '$1=="median" && $2==1 {print int($3/2)}' "$OUT/mqtt.txt")
 echo "== latency at $half frames/s"
 load-tests/latency.sh "$half" 1000 "$LAT_SECS" 2>&1 | grep -v Warning | tee "$OUT/latency.txt" | tail -2
+fi
+half=$(awk '$1=="median" && $2==1 {print int($3/2)}' "$OUT/mqtt.txt")
 
 # The table.
 num() { python3 -c "import sys; print(f'{float(sys.argv[1]):,.0f}')" "$1"; }
@@ -57,7 +61,8 @@ pg_ratio=$(sed -E 's/.*median ratio of the rounds ([0-9.]+).*/\1/' <<<"$pgl")
 pq_ratio=$(sed -E 's/.*median ratio of the rounds ([0-9.]+).*/\1/' <<<"$(grep '^parquet:' "$OUT/parquet.txt")")
 pq_l=$(grep '^round' "$OUT/parquet.txt" | tail -1 | sed -E 's/.*alone ([0-9]+) rows.*/\1/')
 pq_f=$(grep '^round' "$OUT/parquet.txt" | tail -1 | sed -E 's/.*sink ([0-9]+) rows.*/\1/')
-ht() { awk -v s="$1" -v c="$2" '$1==s {print $c}' "$OUT/http.txt"; }
+# The first line of that name: the rate table's (the CPU table below it repeats the name).
+ht() { awk -v s="$1" -v c="$2" '$1==s {print $c; exit}' "$OUT/http.txt"; }
 lat=$(grep '^latency:' "$OUT/latency.txt")
 {
   echo
