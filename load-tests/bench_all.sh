@@ -34,6 +34,9 @@ PG="${FLEETPIPE_BENCH_PG:-postgres://postgres@127.0.0.1:5432/postgres}"
 SCHEMA="fp_benchall_$$"
 trap 'psql "$PG" -qAtX -c "SET client_min_messages = warning; DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null 2>&1 || true' EXIT
 
+# Half of the QoS 1 capacity measured (the bare subscriber's median).
+half_capacity() { awk '$1=="median" && $2==1 {print int($3/2)}' "$OUT/mqtt.txt"; }
+
 # TABLE_ONLY=1 renders the table again from the outputs already in OUT, measuring nothing.
 if [ "${TABLE_ONLY:-0}" != 1 ]; then
 rm -rf "$OUT"; mkdir -p "$OUT"
@@ -43,12 +46,11 @@ echo "== kafka";    load-tests/kafka_ratio.sh "$KAFKA_FRAMES" 1000 "$ROUNDS" 2>&
 echo "== postgres"; "$SINKS_LOAD" pg-sink --url "$PG" --schema "$SCHEMA" --rows "$PG_ROWS" --batch 1000 --rounds "$ROUNDS" | tee "$OUT/postgres.txt" | tail -1
 echo "== parquet";  "$SINKS_LOAD" parquet-bench --rows "$PQ_ROWS" --rounds "$ROUNDS" | tee "$OUT/parquet.txt" | tail -1
 echo "== http";     load-tests/http_k6.sh "$K6_DUR" 2>&1 | tee "$OUT/http.txt" | tail -4
-# Half of the QoS 1 capacity just measured (the bare subscriber's median).
-half=$(awk '$1=="median" && $2==1 {print int($3/2)}' "$OUT/mqtt.txt")
+half=$(half_capacity)
 echo "== latency at $half frames/s"
 load-tests/latency.sh "$half" 1000 "$LAT_SECS" 2>&1 | grep -v Warning | tee "$OUT/latency.txt" | tail -2
 fi
-half=$(awk '$1=="median" && $2==1 {print int($3/2)}' "$OUT/mqtt.txt")
+half=$(half_capacity)
 
 # The table.
 num() { python3 -c "import sys; print(f'{float(sys.argv[1]):,.0f}')" "$1"; }

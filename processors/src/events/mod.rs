@@ -315,7 +315,11 @@ impl Engine {
 
     /// The state as bytes (JSON), for the runner's checkpoint.
     pub fn snapshot(&self) -> Vec<u8> {
-        serde_json::to_vec(&StateRef { vehicles: &self.vehicles }).unwrap_or_default()
+        let mut bytes = Vec::new();
+        match self.snapshot_to(&mut bytes) {
+            Ok(()) => bytes,
+            Err(_) => Vec::new(),
+        }
     }
 
     /// The same bytes as [`Engine::snapshot`], written to `w` as they are made (a million

@@ -212,16 +212,6 @@ fn write_json_file(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| io_err(path, e))
 }
 
-/// Streams the engine's state into `path` and fsyncs it.
-fn write_state_file(path: &Path, state: &State<'_>) -> Result<()> {
-    use std::io::Write;
-    let f = File::create(path).map_err(|e| io_err(path, e))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    state.write_to(&mut w).and_then(|()| w.flush()).map_err(|e| io_err(path, e))?;
-    let f = w.into_inner().map_err(|e| io_err(path, e.into_error()))?;
-    f.sync_all().map_err(|e| io_err(path, e))
-}
-
 /// Opens the files under `root` (the data directory): redoes an interrupted commit, deletes
 /// what an unfinished one left, reads the state, and fills `store` from the committed files.
 pub fn open(root: &Path, store: &EventStore) -> Result<FilesOutput> {
@@ -341,7 +331,8 @@ impl EventOutput for FilesOutput {
             renames.push(self.write_file(dir, "trips-", gen, &trips_batch(trips)?)?);
         }
         let state_name = format!("state-{gen:010}.json");
-        write_state_file(&self.control.join(&state_name), state)?;
+        let state_path = self.control.join(&state_name);
+        state.write_file(&state_path, b"").map_err(|e| io_err(&state_path, e))?;
         let old_state = self.checkpoint.state.clone();
         let next = Checkpoint { lsn, generation: gen, state: Some(state_name), renames };
         let tmp = self.control.join("checkpoint.tmp");

@@ -4,7 +4,6 @@
 //! `{data_dir}/_fleetpipe/kafka_events.state`). A crash between the two publishes the events
 //! of that commit again: at-least-once, with the same `event_id`s, so a consumer folds them.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -120,10 +119,7 @@ impl EventOutput for KafkaOutput {
         if let Some(dir) = self.state_path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);
-        w.write_all(&lsn.to_be_bytes()).map_err(io)?;
-        state.write_to(&mut w).and_then(|()| w.flush()).map_err(io)?;
-        w.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
+        state.write_file(&tmp, &lsn.to_be_bytes()).map_err(io)?;
         std::fs::rename(&tmp, &self.state_path).map_err(io)?;
         if let Some(dir) = self.state_path.parent() {
             fsync_dir(dir)?;

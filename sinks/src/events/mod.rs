@@ -46,9 +46,14 @@ pub trait EventOutput: Send {
 pub struct State<'a>(&'a Engine);
 
 impl State<'_> {
-    /// Writes the state (JSON) to `w` as it is serialised, never all of it in memory.
-    pub fn write_to(&self, w: impl std::io::Write) -> std::io::Result<()> {
-        self.0.snapshot_to(w)
+    /// Creates `path` with `header` and then the state (JSON), streamed through a 1 MiB buffer
+    /// (never all of it in memory), and fsyncs it.
+    pub fn write_file(&self, path: &std::path::Path, header: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+        w.write_all(header)?;
+        self.0.snapshot_to(&mut w)?;
+        w.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()
     }
 
     /// The state as bytes (for an output that stores it in one value).
