@@ -112,7 +112,7 @@ async fn the_drive_from_mosquitto_pub_paho_and_rumqttc_with_credentials_lands_in
     ]);
     assert_eq!(paho["acked"], paho["sent"], "{paho}");
     assert_eq!(paho["codes"], serde_json::json!({"0": drive_frames().len()}), "{paho}");
-    let mut rumqttc = Publisher::connect_as(port, Some((ids[3], &tokens[3])), "rumqttc-drive").await;
+    let mut rumqttc = Publisher::connect_persistent(port, Some((ids[3], &tokens[3])), "rumqttc-drive").await;
     for f in drive_as(ids[3]) {
         rumqttc.publish_frame(&f).await;
     }
@@ -567,11 +567,19 @@ async fn a_silent_connection_is_closed_an_oversized_packet_is_refused_and_1000_c
 
 /// A QoS 0 PUBLISH of `payload` to `topic`.
 fn publish_qos0_packet(topic: &str, payload: &[u8]) -> Vec<u8> {
+    publish_packet(topic, payload, None)
+}
+
+/// A PUBLISH of `payload` to `topic`: QoS 1 with `packet_id`, else QoS 0.
+fn publish_packet(topic: &str, payload: &[u8], packet_id: Option<u16>) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
     body.extend_from_slice(topic.as_bytes());
+    if let Some(id) = packet_id {
+        body.extend_from_slice(&id.to_be_bytes());
+    }
     body.extend_from_slice(payload);
-    let mut pkt = vec![0x30];
+    let mut pkt = vec![if packet_id.is_some() { 0x32 } else { 0x30 }];
     let mut len = body.len();
     loop {
         let mut byte = (len % 128) as u8;
@@ -586,6 +594,55 @@ fn publish_qos0_packet(topic: &str, payload: &[u8]) -> Vec<u8> {
     }
     pkt.extend(body);
     pkt
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_stalled_mid_payload_closes_its_connection_and_the_resent_frame_is_stored_once() {
+    // A PUBLISH whose payload straddles socket reads is streamed to its handler; one that never
+    // completes held its connection, and every PUBACK and PINGRESP queued behind it, until the
+    // client gave up on its keep-alive (a CI run: 661 of 2,161 acknowledged after 120 s).
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = test_config(dir.path(), None);
+    cfg.gateway.payload_timeout_secs = 1;
+    let running = start(cfg).await;
+    let addr = running.mqtt_addr.unwrap();
+    let frame = r#"{"vehicle_id":"STALL-1","ts":"2026-11-25T21:00:00.250Z","seq":7,"lat":56.1,"lon":10.2}"#;
+    let publish = publish_packet("vehicles/STALL-1/location", frame.as_bytes(), Some(1));
+
+    let mut stalled = std::net::TcpStream::connect(addr).unwrap();
+    stalled.write_all(&connect_packet("stall-mid-payload")).unwrap();
+    let mut connack = [0u8; 4];
+    stalled.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    stalled.write_all(&publish[..publish.len() - 10]).unwrap();
+    stalled.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(stalled.read(&mut buf).unwrap_or(usize::MAX), 0, "closed, with no PUBACK: {buf:?}");
+    let text =
+        reqwest::get(format!("http://{}/metrics", running.http_addr)).await.unwrap().text().await.unwrap();
+    assert_eq!(metric(&text, r#"fleetpipe_gateway_disconnects_total{reason="payload_timeout"}"#), 1.0);
+
+    // The client reconnects and resends: stored once, acknowledged.
+    let mut again = std::net::TcpStream::connect(addr).unwrap();
+    again.write_all(&connect_packet("stall-mid-payload")).unwrap();
+    again.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    again.write_all(&publish).unwrap();
+    let mut puback = [0u8; 4];
+    again.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    again.read_exact(&mut puback).unwrap();
+    assert_eq!(puback, [0x40, 2, 0, 1]);
+    let rows = wait_for("the resent frame in Parquet", Duration::from_secs(30), || {
+        let rows = read_parquet(dir.path(), "locations");
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    running.stop().await.unwrap();
+    let rows_after = read_parquet(dir.path(), "locations");
+    assert_eq!(rows_after.len(), 1, "{rows:?}");
+    assert_eq!(rows_after[0]["vehicle_id"], "STALL-1");
+    assert_eq!(rows_after[0]["seq"], 7);
+    assert_eq!(rows_after[0]["lat"], 56.1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

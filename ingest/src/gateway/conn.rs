@@ -325,8 +325,36 @@ pub(crate) async fn handshake_v3(
     Ok(h.ack(conn, session_present).max_packet_size(max_packet))
 }
 
-async fn publish_v3(s: v3::Session<Conn>, p: v3::Publish) -> Result<(), GwError> {
-    let payload = p.read_all().await.map_err(|e| GwError::Payload(e.to_string()))?;
+/// A PUBLISH's whole payload. One that straddles socket reads comes as a stream, which must
+/// be whole within `payload_timeout`: else the connection is closed (the client resends what
+/// was not acknowledged) rather than held with every PUBACK behind this one.
+async fn whole_payload(
+    shared: &Shared,
+    mut payload: ntex_mqtt::Payload,
+) -> Result<ntex_bytes::Bytes, GwError> {
+    let read = if payload.is_fixed() {
+        payload.read_all().await
+    } else {
+        let streamed = payload.take();
+        match ntex_util::time::timeout(shared.payload_timeout, async move { streamed.read_all().await }).await
+        {
+            Ok(read) => read,
+            Err(()) => {
+                metrics::counter!("fleetpipe_gateway_disconnects_total", "reason" => "payload_timeout")
+                    .increment(1);
+                tracing::warn!(
+                    timeout_secs = shared.payload_timeout.as_secs(),
+                    "gateway publish payload incomplete; connection closed"
+                );
+                return Err(GwError::PayloadTimeout);
+            }
+        }
+    };
+    read.map_err(|e| GwError::Payload(e.to_string()))
+}
+
+async fn publish_v3(s: v3::Session<Conn>, mut p: v3::Publish) -> Result<(), GwError> {
+    let payload = whole_payload(&s.shared, p.take_payload()).await?;
     match s.publish(p.publish_topic(), to_bytes(&payload), None, p.qos(), None).await {
         Outcome::Stored { .. } => Ok(()),
         // MQTT 3.1.1 has no negative acknowledgement: the connection is closed.
@@ -479,7 +507,7 @@ pub(crate) async fn handshake_v5(
     }))
 }
 
-async fn publish_v5(s: v5::Session<Conn>, p: v5::Publish) -> Result<v5::PublishAck, GwError> {
+async fn publish_v5(s: v5::Session<Conn>, mut p: v5::Publish) -> Result<v5::PublishAck, GwError> {
     use v5::codec::PublishAckReason;
     let content_type = p.packet().properties.content_type.as_ref().map(|c| c.to_string());
     let trace = if fleetpipe_pipeline::trace::is_on() {
@@ -489,7 +517,7 @@ async fn publish_v5(s: v5::Session<Conn>, p: v5::Publish) -> Result<v5::PublishA
     };
     let topic = p.publish_topic().to_owned();
     let qos = p.qos();
-    let payload = p.read_all().await.map_err(|e| GwError::Payload(e.to_string()))?;
+    let payload = whole_payload(&s.shared, p.take_payload()).await?;
     match s.publish(&topic, to_bytes(&payload), content_type.as_deref(), qos, trace).await {
         Outcome::Stored { rejected: 0 } => Ok(p.ack()),
         Outcome::Stored { rejected } => Ok(p

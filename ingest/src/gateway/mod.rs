@@ -62,6 +62,10 @@ pub struct GatewayConfig {
     pub max_packet_bytes: u32,
     /// A connection that has not completed its CONNECT this long after opening is closed.
     pub connect_timeout_secs: u16,
+    /// A PUBLISH whose payload is still incomplete this long after its header arrived closes
+    /// its connection (a client that stalls mid-packet, or a held stream); the client
+    /// reconnects and resends what was not acknowledged.
+    pub payload_timeout_secs: u16,
     /// Longest a persistent session is kept (MQTT 3.1.1 sessions, and the cap on MQTT 5's
     /// session expiry).
     pub session_expiry_max_secs: u64,
@@ -84,6 +88,7 @@ impl Default for GatewayConfig {
             inflight_bytes: 1 << 20,
             max_packet_bytes: (16 << 20) + 65_536,
             connect_timeout_secs: 10,
+            payload_timeout_secs: 10,
             session_expiry_max_secs: 7 * 24 * 3600,
             workers: 0,
             batch_messages: 1024,
@@ -101,6 +106,8 @@ pub(crate) enum GwError {
     NotDurable,
     #[error("payload: {0}")]
     Payload(String),
+    #[error("payload incomplete within gateway.payload_timeout_secs")]
+    PayloadTimeout,
     #[error("service start")]
     Init,
 }
@@ -142,6 +149,7 @@ pub(crate) struct Shared {
     pub(crate) max_connections: usize,
     pub(crate) receive_maximum: u16,
     pub(crate) max_packet_bytes: u32,
+    pub(crate) payload_timeout: std::time::Duration,
     pub(crate) session_expiry_max: u64,
     pub(crate) batch_messages: usize,
 }
@@ -246,6 +254,7 @@ impl Source for GatewaySource {
             max_connections: self.cfg.max_connections,
             receive_maximum: self.cfg.receive_maximum.max(1),
             max_packet_bytes: self.cfg.max_packet_bytes.max(1024),
+            payload_timeout: Duration::from_secs(u64::from(self.cfg.payload_timeout_secs.max(1))),
             session_expiry_max: self.cfg.session_expiry_max_secs,
             batch_messages: self.cfg.batch_messages,
         });
