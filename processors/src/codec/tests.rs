@@ -957,3 +957,26 @@ fn text_that_is_not_json_is_malformed_json_not_a_protobuf_error() {
     let d = msg_with(&[0xFF, 0x00, 0x13], None, &origin, &Rules::default());
     assert_eq!(d.rejections[0].reason, Reason::MalformedProtobuf);
 }
+
+#[test]
+fn a_payload_that_is_not_utf8_rejects_only_the_frame_holding_the_bad_bytes() {
+    // Valid UTF-8 is read as text (checked once); anything else by the byte reader, which
+    // refuses the bad string where it is.
+    let good =
+        r#"{"vehicle_id":"V1","kind":"location","ts":1795640400250,"lat":1,"lon":2,"note":"Århus \u00e6"}"#;
+    let bad = b"{\"vehicle_id\":\"V\xff2\",\"kind\":\"location\",\"ts\":1795640400250,\"lat\":1,\"lon\":2}";
+    let mut ndjson = format!("{good}\n").into_bytes();
+    ndjson.extend_from_slice(bad);
+    ndjson.extend_from_slice(format!("\n{good}\n").as_bytes());
+    let d = msg_with(&ndjson, None, &Origin::Http, &Rules::default());
+    assert_eq!(d.frames.len(), 2, "{:?}", d.rejections);
+    assert!(d.frames.iter().all(|f| f.vehicle_id == "V1"));
+    assert_eq!(reasons(&d), vec![Reason::MalformedJson]);
+    assert_eq!(d.rejections[0].index, Some(1));
+    assert_eq!(&d.rejections[0].raw[..], &bad[..]);
+    assert!(d.rejections[0].detail.contains("unicode"), "{}", d.rejections[0].detail);
+
+    let one = msg_with(bad, None, &Origin::Http, &Rules::default());
+    assert_eq!((one.frames.len(), reasons(&one)), (0, vec![Reason::MalformedJson]));
+    assert_eq!(one_frame(http(good)).vehicle_id, "V1");
+}

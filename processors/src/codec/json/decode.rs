@@ -170,7 +170,23 @@ pub(crate) fn decode(ctx: &Ctx<'_>, out: &mut Decoded, ndjson: bool) {
 /// even well-formed, the whole payload is refused without an index.
 fn values(ctx: &Ctx<'_>, out: &mut Decoded, ndjson: bool) {
     let p: &[u8] = ctx.payload;
-    let mut stream = serde_json::Deserializer::from_slice(p).into_iter::<Wire>();
+    // Valid UTF-8 (nearly every payload) is checked once here, so that serde_json reads it as
+    // a `str` and does not check each string again; anything else is read as bytes, with the
+    // errors it has always had.
+    match std::str::from_utf8(p) {
+        Ok(text) => stream(ctx, out, ndjson, serde_json::Deserializer::from_str(text).into_iter::<Wire>()),
+        Err(_) => stream(ctx, out, ndjson, serde_json::Deserializer::from_slice(p).into_iter::<Wire>()),
+    }
+}
+
+/// [`values`] over a stream of [`Wire`]s read from `ctx.payload`.
+fn stream<'a, R: serde_json::de::Read<'a>>(
+    ctx: &Ctx<'a>,
+    out: &mut Decoded,
+    ndjson: bool,
+    mut stream: serde_json::StreamDeserializer<'a, R, Wire<'a>>,
+) {
+    let p: &[u8] = ctx.payload;
     let mut index = 0;
     loop {
         let start = stream.byte_offset();
@@ -247,6 +263,17 @@ fn capped_array<'de, T: serde::Deserialize<'de>>(
     p: &'de [u8],
     max: usize,
 ) -> Result<(Vec<T>, bool), serde_json::Error> {
+    // As in `values`: valid UTF-8 is checked once and read as a `str`.
+    match std::str::from_utf8(p) {
+        Ok(text) => capped_array_from(serde_json::Deserializer::from_str(text), max),
+        Err(_) => capped_array_from(serde_json::Deserializer::from_slice(p), max),
+    }
+}
+
+fn capped_array_from<'de, T: serde::Deserialize<'de>, R: serde_json::de::Read<'de>>(
+    mut de: serde_json::Deserializer<R>,
+    max: usize,
+) -> Result<(Vec<T>, bool), serde_json::Error> {
     struct Capped<T>(usize, std::marker::PhantomData<T>);
     impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Capped<T> {
         type Value = (Vec<T>, bool);
@@ -268,7 +295,6 @@ fn capped_array<'de, T: serde::Deserialize<'de>>(
             Ok((kept, more))
         }
     }
-    let mut de = serde_json::Deserializer::from_slice(p);
     let out = serde::Deserializer::deserialize_seq(&mut de, Capped::<T>(max, std::marker::PhantomData))?;
     de.end()?;
     Ok(out)
