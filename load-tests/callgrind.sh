@@ -145,7 +145,7 @@ with open(os.path.join(out, f"annotate_qos{qos}{tag}.txt"), "w") as keep:
         # Without this machine's paths (the repository, the crate registry, scratch files).
         head = "\n".join(text.splitlines()[:80]) + "\n"
         head = re.sub(r"/\S*?/registry/src/[^/]+/", "<registry>/", head)
-        head = head.replace(os.getcwd() + "/", "").replace(cg + "/", "<scratch>/").replace(os.path.expanduser("~"), "~")
+        head = head.replace(os.getcwd() + "/", "").replace(os.path.dirname(cg) + "/", "<scratch>/").replace(os.path.expanduser("~"), "~")
         keep.write(head)
 print(f"fleetpipe instructions per frame (callgrind), {n} frames, QoS {qos}, MQTT source, default sinks")
 print(f"{'thread':<52} {'instr/frame':>12} {'share':>7}")

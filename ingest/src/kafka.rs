@@ -20,9 +20,9 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fleetpipe_processors::codec::{decode_message, Message as Payload};
+use fleetpipe_processors::codec::{decode_message_into, Message as Payload};
 use fleetpipe_processors::validate::Rules;
-use fleetpipe_processors::Origin;
+use fleetpipe_processors::{Decoded, Origin};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -412,7 +412,7 @@ fn build(
 ) -> Submission {
     let received_at = now_micros();
     let mut entry = Entry { received_at, ..Entry::default() };
-    let mut received_frames = 0u64;
+    let mut decoded = Decoded { frames: Vec::with_capacity(msgs.len()), ..Decoded::default() };
     let mut highest: HashMap<i32, i64> = HashMap::new();
     for m in &msgs {
         let origin = Origin::Kafka { topic: topic.to_owned(), partition: m.partition, offset: m.offset };
@@ -422,13 +422,12 @@ fn build(
             origin: &origin,
             received_at,
         };
-        let decoded = decode_message(&msg, rules);
-        received_frames += u64::from(decoded.received);
-        entry.absorb(decoded);
+        decode_message_into(&msg, rules, &mut decoded);
         let h = highest.entry(m.partition).or_insert(m.offset);
         *h = (*h).max(m.offset);
     }
-    fleetpipe_pipeline::count_received("kafka", received_frames);
+    fleetpipe_pipeline::count_received("kafka", u64::from(decoded.received));
+    entry.absorb(decoded);
     let incoming: Vec<_> = msgs.iter().filter_map(|m| m.trace).collect();
     entry.trace = fleetpipe_pipeline::trace::intake("kafka", &incoming, entry.frames.len());
     tracker.submitted(entry_no, &highest);

@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleetpipe_pipeline::{now_micros, Entry, Intake, Ready, Source, SourceContext, Submission};
-use fleetpipe_processors::codec::{decode_message, Message};
+use fleetpipe_processors::codec::{decode_message_into, Message};
 use fleetpipe_processors::validate::Rules;
-use fleetpipe_processors::Origin;
+use fleetpipe_processors::{Decoded, Origin};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
@@ -651,17 +651,20 @@ fn build_submission(
 ) -> Submission {
     let received_at = now_micros();
     let mut entry = Entry { received_at, ..Entry::default() };
-    let mut received = 0u64;
+    // Every message of the entry decodes into one `Decoded`, which becomes the entry's.
+    let mut decoded = Decoded { frames: Vec::with_capacity(publishes.len()), ..Decoded::default() };
     for p in &publishes {
-        let topic = String::from_utf8_lossy(p.topic()).into_owned();
+        let topic = match std::str::from_utf8(p.topic()) {
+            Ok(t) => t.to_owned(),
+            Err(_) => String::from_utf8_lossy(p.topic()).into_owned(),
+        };
         let origin = Origin::Mqtt { topic };
         let msg =
             Message { payload: p.payload(), content_type: p.content_type(), origin: &origin, received_at };
-        let decoded = decode_message(&msg, rules);
-        received += u64::from(decoded.received);
-        entry.absorb(decoded);
+        decode_message_into(&msg, rules, &mut decoded);
     }
-    fleetpipe_pipeline::count_received("mqtt", received);
+    fleetpipe_pipeline::count_received("mqtt", u64::from(decoded.received));
+    entry.absorb(decoded);
     if fleetpipe_pipeline::trace::is_on() {
         let incoming: Vec<_> = publishes.iter().filter_map(Publish::trace).collect();
         entry.trace = fleetpipe_pipeline::trace::intake("mqtt", &incoming, entry.frames.len());

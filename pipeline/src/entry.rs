@@ -22,8 +22,17 @@ pub struct Entry {
 
 impl Entry {
     pub fn absorb(&mut self, decoded: Decoded) {
-        self.frames.extend(decoded.frames);
-        self.rejections.extend(decoded.rejections);
+        // Into an empty entry the vectors move as they are (no copy).
+        if self.frames.is_empty() {
+            self.frames = decoded.frames;
+        } else {
+            self.frames.extend(decoded.frames);
+        }
+        if self.rejections.is_empty() {
+            self.rejections = decoded.rejections;
+        } else {
+            self.rejections.extend(decoded.rejections);
+        }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -254,12 +254,21 @@ fn invalid_topic(topic: &str) -> Fail {
 /// Decodes and validates one message. Never fails and never panics: what is not accepted is in
 /// [`Decoded::rejections`], and [`Decoded::received`] counts good and bad frames.
 pub fn decode_message(msg: &Message<'_>, rules: &Rules) -> Decoded {
-    let ctx = Ctx::new(msg, rules);
     let mut out = Decoded::default();
+    decode_message_into(msg, rules, &mut out);
+    out
+}
+
+/// [`decode_message`] appending to `out`: a source folding several messages into one log entry
+/// decodes them all into one [`Decoded`] (no vectors per message, no copy into the entry), and
+/// `out.received` grows by this message's frames.
+pub fn decode_message_into(msg: &Message<'_>, rules: &Rules, out: &mut Decoded) {
+    let ctx = Ctx::new(msg, rules);
+    let before = out.received;
     let payload: &[u8] = msg.payload;
     if payload.len() > rules.max_payload_bytes {
         ctx.reject_whole(
-            &mut out,
+            out,
             Reason::Oversized,
             format!(
                 "payload of {} bytes exceeds the limit of {} bytes",
@@ -267,29 +276,29 @@ pub fn decode_message(msg: &Message<'_>, rules: &Rules) -> Decoded {
                 rules.max_payload_bytes
             ),
         );
-        return out;
+        return;
     }
     if payload.iter().all(u8::is_ascii_whitespace) {
-        ctx.reject_whole(&mut out, Reason::EmptyFrame, "empty payload".to_owned());
-        return out;
+        ctx.reject_whole(out, Reason::EmptyFrame, "empty payload".to_owned());
+        return;
     }
     let declared = match msg.content_type.map(from_content_type).transpose() {
         Ok(declared) => declared.flatten(),
         Err(e) => {
-            ctx.reject_whole(&mut out, Reason::UnsupportedContentType, e.to_string());
-            return out;
+            ctx.reject_whole(out, Reason::UnsupportedContentType, e.to_string());
+            return;
         }
     };
     match declared {
-        Some(enc) => decode_as(&ctx, &mut out, enc),
+        Some(enc) => decode_as(&ctx, out, enc),
         None => match sniff_bytes(payload) {
             Sniffed::Known(Encoding::Protobuf) if looks_like_text(payload) => {
                 // Text that is not JSON (`hello`, `lat=56.1`, a quoted string): say so, rather
                 // than report the Protobuf wire-type error it also makes.
                 match proto::decode_batch_capped(payload, rules.max_frames_per_message) {
-                    Ok((batch, more)) => proto::decode_capped(&ctx, &mut out, &batch, more),
+                    Ok((batch, more)) => proto::decode_capped(&ctx, out, &batch, more),
                     Err(_) => ctx.reject_whole(
-                        &mut out,
+                        out,
                         Reason::MalformedJson,
                         format!(
                             "not JSON (a frame starts with {{ or [) and not Protobuf: text starting {}",
@@ -298,18 +307,17 @@ pub fn decode_message(msg: &Message<'_>, rules: &Rules) -> Decoded {
                     ),
                 }
             }
-            Sniffed::Known(enc) => decode_as(&ctx, &mut out, enc),
+            Sniffed::Known(enc) => decode_as(&ctx, out, enc),
             Sniffed::Ambiguous => match proto::decode_batch_capped(payload, rules.max_frames_per_message) {
-                Ok((batch, more)) => proto::decode_capped(&ctx, &mut out, &batch, more),
-                Err(_) => decode_as(&ctx, &mut out, Encoding::Json),
+                Ok((batch, more)) => proto::decode_capped(&ctx, out, &batch, more),
+                Err(_) => decode_as(&ctx, out, Encoding::Json),
             },
         },
     }
-    if out.received == 0 {
+    if out.received == before {
         // `[]`, blank NDJSON, an empty FrameBatch: nothing is dropped without a trace.
-        ctx.reject_whole(&mut out, Reason::EmptyFrame, "the message holds no frame".to_owned());
+        ctx.reject_whole(out, Reason::EmptyFrame, "the message holds no frame".to_owned());
     }
-    out
 }
 
 /// Printable UTF-8 (whitespace allowed): what a person or a misconfigured client types, never a

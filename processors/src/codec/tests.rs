@@ -980,3 +980,26 @@ fn a_payload_that_is_not_utf8_rejects_only_the_frame_holding_the_bad_bytes() {
     assert_eq!((one.frames.len(), reasons(&one)), (0, vec![Reason::MalformedJson]));
     assert_eq!(one_frame(http(good)).vehicle_id, "V1");
 }
+
+#[test]
+fn messages_decoded_into_one_decoded_give_what_each_gives_alone_in_order() {
+    let rules = Rules::default();
+    let two = format!("{LOC}\n{DIAG}");
+    let payloads: [&[u8]; 4] = [LOC.as_bytes(), b"[]", two.as_bytes(), b"{\"vehicle_id\":"];
+    let origin = Origin::Mqtt { topic: format!("vehicles/{VIN}/frames") };
+    let messages: Vec<Bytes> = payloads.iter().map(|p| Bytes::copy_from_slice(p)).collect();
+    let mut together = Decoded::default();
+    let mut alone = Decoded::default();
+    for payload in &messages {
+        let msg = Message { payload, content_type: None, origin: &origin, received_at: NOW };
+        decode_message_into(&msg, &rules, &mut together);
+        let d = decode_message(&msg, &rules);
+        alone.received += d.received;
+        alone.frames.extend(d.frames);
+        alone.rejections.extend(d.rejections);
+    }
+    assert_eq!(together, alone);
+    // The empty array is still its own `empty_frame`, though frames came before it.
+    assert_eq!((together.received, together.frames.len()), (5, 3));
+    assert_eq!(reasons(&together), vec![Reason::EmptyFrame, Reason::MalformedJson]);
+}
