@@ -565,11 +565,6 @@ async fn a_silent_connection_is_closed_an_oversized_packet_is_refused_and_1000_c
     running.stop().await.unwrap();
 }
 
-/// A QoS 0 PUBLISH of `payload` to `topic`.
-fn publish_qos0_packet(topic: &str, payload: &[u8]) -> Vec<u8> {
-    publish_packet(topic, payload, None)
-}
-
 /// A PUBLISH of `payload` to `topic`: QoS 1 with `packet_id`, else QoS 0.
 fn publish_packet(topic: &str, payload: &[u8], packet_id: Option<u16>) -> Vec<u8> {
     let mut body = Vec::new();
@@ -663,7 +658,7 @@ async fn publishes_read_before_the_client_closed_are_stored() {
                 1_795_640_400_000u64 + seq,
                 "x".repeat(200)
             );
-            bytes.extend(publish_qos0_packet(&format!("vehicles/{id}/location"), frame.as_bytes()));
+            bytes.extend(publish_packet(&format!("vehicles/{id}/location"), frame.as_bytes(), None));
         }
         bytes.extend([0xE0, 0]); // DISCONNECT
         let mut s = std::net::TcpStream::connect(addr).unwrap();

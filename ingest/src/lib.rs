@@ -37,6 +37,8 @@ pub enum Error {
     },
     #[error("vehicle gateway: {0}")]
     Gateway(String),
+    #[error("mqtt source: {0}")]
+    MqttSource(String),
     #[error("gateway TLS: {0}")]
     Tls(String),
     #[error("credentials file {path}: {detail}")]
