@@ -628,8 +628,11 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// A publisher with a client id of its own and a persistent session, so that what it had
+    /// in flight when a connection ended is resent after it reconnects (see
+    /// [`Publisher::connect_persistent`]).
     pub async fn connect(port: u16) -> Publisher {
-        Self::connect_as(port, None, &format!("test-pub-{}", unique())).await
+        Self::connect_persistent(port, None, &format!("test-pub-{}", unique())).await
     }
 
     /// With a credential (`(username, token)`) and a client id of its own.
