@@ -613,9 +613,15 @@ async fn a_publish_stalled_mid_payload_closes_its_connection_and_the_resent_fram
     stalled.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut buf = [0u8; 16];
     assert_eq!(stalled.read(&mut buf).unwrap_or(usize::MAX), 0, "closed, with no PUBACK: {buf:?}");
-    let text =
-        reqwest::get(format!("http://{}/metrics", running.http_addr)).await.unwrap().text().await.unwrap();
+    let url = format!("http://{}/metrics", running.http_addr);
+    let text = wait_for("the close counted", Duration::from_secs(10), || {
+        let text = block_on(async { reqwest::get(&url).await.ok()?.text().await.ok() })?;
+        (metric(&text, r#"fleetpipe_gateway_disconnects_total{reason="payload_timeout"}"#) > 0.0)
+            .then_some(text)
+    })
+    .await;
     assert_eq!(metric(&text, r#"fleetpipe_gateway_disconnects_total{reason="payload_timeout"}"#), 1.0);
+    assert_eq!(metric(&text, r#"fleetpipe_gateway_disconnects_total{reason="error"}"#), 0.0, "counted once");
 
     // The client reconnects and resends: stored once, acknowledged.
     let mut again = std::net::TcpStream::connect(addr).unwrap();

@@ -183,7 +183,7 @@ impl Source for MqttSource {
     /// On a runtime of its own, in one thread: the source's tasks (the poller of the broker
     /// connection, the batcher that decodes, the acker) hand every message to one another, and
     /// on the shared multi-threaded runtime each hand-off could wake another thread (20
-    /// publishers at QoS 0: 13 % more CPU per frame, `load-tests/RESULTS.md`).
+    /// publishers at QoS 0: about 10 % more CPU per frame, `load-tests/RESULTS.md`).
     async fn run(self, ctx: SourceContext) -> Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -327,28 +327,19 @@ pub(crate) async fn handshake_v3(
 
 /// A PUBLISH's whole payload. One that straddles socket reads comes as a stream, which must
 /// be whole within `payload_timeout`: else the connection is closed (the client resends what
-/// was not acknowledged) rather than held with every PUBACK behind this one.
-async fn whole_payload(
-    shared: &Shared,
-    mut payload: ntex_mqtt::Payload,
-) -> Result<ntex_bytes::Bytes, GwError> {
+/// was not acknowledged) rather than held with every PUBACK behind this one. The close is
+/// counted by [`stopped`].
+async fn whole_payload(shared: &Shared, payload: ntex_mqtt::Payload) -> Result<ntex_bytes::Bytes, GwError> {
     let read = if payload.is_fixed() {
         payload.read_all().await
     } else {
-        let streamed = payload.take();
-        match ntex_util::time::timeout(shared.payload_timeout, async move { streamed.read_all().await }).await
-        {
-            Ok(read) => read,
-            Err(()) => {
-                metrics::counter!("fleetpipe_gateway_disconnects_total", "reason" => "payload_timeout")
-                    .increment(1);
-                tracing::warn!(
-                    timeout_secs = shared.payload_timeout.as_secs(),
-                    "gateway publish payload incomplete; connection closed"
-                );
-                return Err(GwError::PayloadTimeout);
-            }
-        }
+        ntex_util::time::timeout(shared.payload_timeout, payload.read_all()).await.map_err(|()| {
+            tracing::warn!(
+                timeout_secs = shared.payload_timeout.as_secs(),
+                "gateway publish payload incomplete; connection closed"
+            );
+            GwError::PayloadTimeout
+        })?
     };
     read.map_err(|e| GwError::Payload(e.to_string()))
 }
@@ -405,6 +396,9 @@ pub(crate) fn protocol_v3_factory() -> impl ntex_service::ServiceFactory<
 fn stopped(msg: &ntex_mqtt::Control<GwError>) {
     if let ntex_mqtt::Control::Stop(reason) = msg {
         let kind = match reason {
+            ntex_mqtt::Reason::Error(e) if matches!(e.get_ref(), GwError::PayloadTimeout) => {
+                "payload_timeout"
+            }
             ntex_mqtt::Reason::Error(e) => {
                 tracing::debug!(error = %e.get_ref(), "gateway connection closed after an error");
                 "error"
