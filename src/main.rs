@@ -98,6 +98,10 @@ enum CredentialsAction {
 
 /// mimalloc: the gateway's worker threads allocate a message's buffers and the log and shard
 /// threads free them; glibc's allocator spent a sixth of the gateway's CPU on that hand-over.
+/// Built without transparent huge pages (`no_thp`, and [`no_huge_pages`] for kernels that
+/// use them unasked): pages that move between threads are handed back and taken afresh all
+/// the time, and each fresh huge page is 2 MiB the kernel zeroes; that was a sixth of
+/// fleetpipe's CPU under 20 publishers (load-tests/RESULTS.md, "Huge pages").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -270,8 +274,21 @@ fn traces() -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider
     Ok(Some(provider))
 }
 
+/// Turns transparent huge pages off for this process (Linux; `enabled = always` kernels would
+/// otherwise back the allocator's memory with them). Not fatal: it only costs CPU.
+fn no_huge_pages() -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    rustix::thread::disable_transparent_huge_pages(true)?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    // First, before the allocator's memory is touched.
+    let huge_pages = no_huge_pages();
     let traces = init_logging()?;
+    if let Err(e) = huge_pages {
+        tracing::debug!(error = %e, "transparent huge pages stay on");
+    }
     let cli = Cli::parse();
     if let Command::Credentials { config, action } = cli.command {
         return credentials(config.as_deref(), action);

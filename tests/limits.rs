@@ -1,5 +1,5 @@
-//! Limits: an MQTT packet over the announced maximum, an HTTP body over the limit, and the
-//! gateway's port already taken.
+//! Limits: an MQTT packet over the announced maximum, an HTTP body over the limit, the
+//! gateway's port already taken, and the process's memory kept off transparent huge pages.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -211,4 +211,28 @@ async fn past_the_gateway_connection_cap_connects_are_refused_and_a_connected_ve
     assert_eq!(rows.len(), 1);
     drop(accepted);
     running.stop().await.unwrap();
+}
+
+/// The allocator's memory is not backed by transparent huge pages: every fresh 2 MiB page the
+/// kernel zeroed on a fault was a sixth of fleetpipe's CPU under 20 publishers
+/// (load-tests/RESULTS.md, "Huge pages").
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_binary_keeps_transparent_huge_pages_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, mqtt_port) = (free_port(), free_port());
+    let config = dir.path().join("fleetpipe.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{http_port}\"\n[gateway]\nlisten = \"127.0.0.1:{mqtt_port}\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let fp = Fleetpipe::start(&config, http_port).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", fp.pid())).unwrap();
+    let thp: Vec<&str> = status.lines().filter(|l| l.starts_with("THP_enabled:")).collect();
+    assert_eq!(thp, ["THP_enabled:\t0"], "{status}");
+    assert!(fp.sigterm().success());
 }

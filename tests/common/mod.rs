@@ -479,6 +479,11 @@ impl Fleetpipe {
         metric(&text, name)
     }
 
+    /// The process id of the running fleetpipe.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
