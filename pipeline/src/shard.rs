@@ -47,8 +47,19 @@ impl Dispatch {
     pub(crate) fn send(&mut self, lsn: Lsn, entries: Vec<Entry>, trace: Arc<[TraceContext]>) -> Result<()> {
         let n = self.txs.len();
         let group = self.next_group;
+        // Room for an even split and a quarter more, so that a part rarely grows while filled.
+        let even = entries.iter().map(|e| e.frames.len()).sum::<usize>() / n.max(1);
+        let room = even + even / 4;
         let mut parts: Vec<Part> = (0..n)
-            .map(|_| Part { group, batch: Batch { lsn, trace: Arc::clone(&trace), ..Batch::default() } })
+            .map(|_| Part {
+                group,
+                batch: Batch {
+                    lsn,
+                    frames: Vec::with_capacity(room),
+                    trace: Arc::clone(&trace),
+                    ..Batch::default()
+                },
+            })
             .collect();
         for e in entries {
             if let Some(first) = parts.first_mut() {
@@ -113,8 +124,17 @@ pub(crate) fn resequence(rx: Receiver<Part>, shards: usize, sinks: Vec<(SinkFeed
             (shards, Batch { lsn: part.batch.lsn, trace: Arc::clone(&part.batch.trace), ..Batch::default() })
         });
         slot.0 -= 1;
-        slot.1.frames.extend(part.batch.frames);
-        slot.1.rejections.extend(part.batch.rejections);
+        // The first part's frames become the group's (moved, not copied); later ones append.
+        if slot.1.frames.is_empty() {
+            slot.1.frames = part.batch.frames;
+        } else {
+            slot.1.frames.extend(part.batch.frames);
+        }
+        if slot.1.rejections.is_empty() {
+            slot.1.rejections = part.batch.rejections;
+        } else {
+            slot.1.rejections.extend(part.batch.rejections);
+        }
         while pending.get(&next).is_some_and(|(missing, _)| *missing == 0) {
             let Some((_, batch)) = pending.remove(&next) else { break };
             next += 1;
