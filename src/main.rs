@@ -283,7 +283,8 @@ fn no_huge_pages() -> std::io::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    // First, before the allocator's memory is touched.
+    // First: the kernel checks the setting at each page fault, so memory the allocator took
+    // before `main` is covered from here on as well.
     let huge_pages = no_huge_pages();
     let traces = init_logging()?;
     if let Err(e) = huge_pages {

@@ -55,16 +55,12 @@ async fn a_flood_of_idle_connections_is_refused_past_the_caps_and_the_instance_k
 
     let dir = tempfile::tempdir().unwrap();
     let (http_port, mqtt_port) = (free_port(), free_port());
-    let config = dir.path().join("fleetpipe.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{http_port}\"\n[gateway]\nlisten = \"127.0.0.1:{mqtt_port}\"\n\
-             max_connections = {cap}\nconnect_timeout_secs = 300\n[parquet]\nroll_secs = 0.3\n",
-            dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
+    let config = gateway_config_file(
+        dir.path(),
+        http_port,
+        mqtt_port,
+        &format!("max_connections = {cap}\nconnect_timeout_secs = 300\n[parquet]\nroll_secs = 0.3\n"),
+    );
     let log_path = dir.path().join("fleetpipe.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let fp = Fleetpipe::start_with(&config, http_port, "info", Stdio::from(log)).await;

@@ -220,16 +220,8 @@ async fn past_the_gateway_connection_cap_connects_are_refused_and_a_connected_ve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_running_binary_keeps_transparent_huge_pages_off() {
     let dir = tempfile::tempdir().unwrap();
-    let (http_port, mqtt_port) = (free_port(), free_port());
-    let config = dir.path().join("fleetpipe.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{http_port}\"\n[gateway]\nlisten = \"127.0.0.1:{mqtt_port}\"\n",
-            dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
+    let http_port = free_port();
+    let config = gateway_config_file(dir.path(), http_port, free_port(), "");
     let fp = Fleetpipe::start(&config, http_port).await;
     let status = std::fs::read_to_string(format!("/proc/{}/status", fp.pid())).unwrap();
     let thp: Vec<&str> = status.lines().filter(|l| l.starts_with("THP_enabled:")).collect();

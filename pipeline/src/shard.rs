@@ -124,17 +124,8 @@ pub(crate) fn resequence(rx: Receiver<Part>, shards: usize, sinks: Vec<(SinkFeed
             (shards, Batch { lsn: part.batch.lsn, trace: Arc::clone(&part.batch.trace), ..Batch::default() })
         });
         slot.0 -= 1;
-        // The first part's frames become the group's (moved, not copied); later ones append.
-        if slot.1.frames.is_empty() {
-            slot.1.frames = part.batch.frames;
-        } else {
-            slot.1.frames.extend(part.batch.frames);
-        }
-        if slot.1.rejections.is_empty() {
-            slot.1.rejections = part.batch.rejections;
-        } else {
-            slot.1.rejections.extend(part.batch.rejections);
-        }
+        append(&mut slot.1.frames, part.batch.frames);
+        append(&mut slot.1.rejections, part.batch.rejections);
         while pending.get(&next).is_some_and(|(missing, _)| *missing == 0) {
             let Some((_, batch)) = pending.remove(&next) else { break };
             next += 1;
@@ -149,6 +140,16 @@ pub(crate) fn resequence(rx: Receiver<Part>, shards: usize, sinks: Vec<(SinkFeed
         metrics::gauge!("fleetpipe_queue_depth", "stage" => "resequencer").set(rx.len() as f64);
         metrics::gauge!("fleetpipe_queue_capacity", "stage" => "resequencer")
             .set(rx.capacity().unwrap_or(0) as f64);
+    }
+}
+
+/// Appends `from` to `into`; into an empty `into` it is moved, not copied (the first part of a
+/// group becomes the group's).
+fn append<T>(into: &mut Vec<T>, from: Vec<T>) {
+    if into.is_empty() {
+        *into = from;
+    } else {
+        into.extend(from);
     }
 }
 

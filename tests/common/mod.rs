@@ -24,6 +24,22 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Writes `dir/fleetpipe.toml` for a spawned `fleetpipe run`: data under `dir/data`, the HTTP API
+/// and the vehicle gateway on the given ports, then `extra` (more keys of `[gateway]`, or more
+/// sections). Returns its path.
+pub fn gateway_config_file(dir: &Path, http_port: u16, gateway_port: u16, extra: &str) -> PathBuf {
+    let path = dir.join("fleetpipe.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{http_port}\"\n[gateway]\nlisten = \"127.0.0.1:{gateway_port}\"\n{extra}",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
 pub async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
